@@ -1,0 +1,5 @@
+import sys
+
+from srplatform.cli import main
+
+sys.exit(main())

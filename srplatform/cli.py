@@ -1,0 +1,84 @@
+"""The `c2d` command line.
+
+Each subcommand lives in `srplatform/commands/<name>.py` and defines:
+    HELP: str                      one line for `c2d --help`
+    DESCRIPTION: str               the longer text for `c2d <name> --help`
+    configure(parser) -> None      adds its arguments (or sub-subcommands)
+    run(args) -> int               does the work, returns the exit code
+Command modules import heavy libraries (ray, mlflow, torch) inside `run`, so `c2d --help`
+stays fast and a broken optional dependency only breaks the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from srplatform.errors import UserError
+
+# Order is the order shown in `c2d --help`.
+COMMANDS = [
+    "stack",
+    "data",
+    "pretrain",
+    "finetune",
+    "pipeline",
+    "tune",
+    "eval",
+    "promote",
+    "upscale",
+    "submit",
+    "jobs",
+    "model",
+    "demo",
+]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="c2d",
+        description=(
+            "c2disr: train attention-based super-resolution models the C2D-ISR way on Ray\n"
+            "(continuous-scale pretraining, then discrete x2/x3/x4 fine-tuning), track them in\n"
+            "MLflow, search hyperparameters with Ray Tune and promote models in the registry.\n\n"
+            "Run `c2d <command> --help` for the details of each command."
+        ),
+        formatter_class=_Formatter,
+    )
+    from srplatform import __version__
+
+    parser.add_argument("--version", action="version", version=f"c2d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name in COMMANDS:
+        mod = importlib.import_module(f"srplatform.commands.{name}")
+        p = sub.add_parser(
+            name, help=mod.HELP, description=mod.DESCRIPTION, formatter_class=_Formatter
+        )
+        mod.configure(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as exc:  # an error the user can fix: no traceback
+        print(f"c2d {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
