@@ -1,0 +1,379 @@
+"""The embedded local stack: an MLflow tracking server and an S3-compatible endpoint on loopback.
+
+`c2d stack up` starts both as child processes in their own sessions, picks free ports and
+records everything in `<data dir>/stack.json` (mode 0600: it holds the S3 keys). `status` reads
+that file and checks each server's health; `down` stops exactly the processes `up` started.
+Ray is not part of the stack: jobs start a local Ray with `ray.init()` or join `RAY_ADDRESS`.
+
+- MLflow: `mlflow server` with a SQLite backend under the data directory, the model registry,
+  and artifacts proxied by the server (`--serve-artifacts`) into `<data dir>/mlartifacts`, so
+  they are durable on local disk and reachable by any process that can reach the server.
+- S3: moto's server mode with request signing enforced. On start the stack creates an IAM
+  user with S3 access and a fresh key pair (moto lets the first few requests through
+  unauthenticated exactly for this bootstrap); any other key is rejected like on AWS. moto
+  keeps objects in memory, so the durable default store is `file://` under the data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from srplatform.errors import UserError
+
+STATE_FILE = "stack.json"
+DEFAULT_BUCKET = "c2disr"
+_BOOTSTRAP_REQUESTS = 3  # create_user, put_user_policy, create_access_key
+
+
+def data_dir() -> Path:
+    """Where the platform keeps its state: `$C2D_HOME`, default `./.c2d` (created on demand)."""
+    root = Path(os.environ.get("C2D_HOME", ".c2d")).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def state_path(root: Path | None = None) -> Path:
+    return (root or data_dir()) / STATE_FILE
+
+
+def read_state(root: Path | None = None) -> dict[str, Any] | None:
+    """The running stack's state (URLs, ports, S3 keys), or None when it is not up."""
+    path = state_path(root)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_state(state: dict[str, Any], root: Path) -> None:
+    path = state_path(root)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(state, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _log_tail(path: str | Path, lines: int = 15) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    url: str
+    pid: int
+    running: bool
+    healthy: bool
+    log: str
+
+    @property
+    def state(self) -> str:
+        if self.healthy:
+            return "healthy"
+        return "unhealthy" if self.running else "crashed"
+
+
+# --------------------------------------------------------------------------------------
+# Starting
+# --------------------------------------------------------------------------------------
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "ab")
+    # Own session: a Ctrl-C in the user's terminal does not kill the servers, and `down`
+    # can stop the whole process group (mlflow runs worker processes).
+    return subprocess.Popen(
+        cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True, env=env, close_fds=True,
+    )
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode} during start:\n{_log_tail(log)}")
+        if _http_ok(url):
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"{name} did not become healthy at {url} within {timeout:.0f}s:\n{_log_tail(log)}")
+
+
+def start_mlflow(root: Path, host: str = "127.0.0.1", port: int | None = None, timeout: float = 120) -> dict[str, Any]:
+    port = port or free_port(host)
+    log = root / "logs" / "mlflow.log"
+    artifacts = root / "mlartifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", host, "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", artifacts.as_uri(),
+        "--serve-artifacts",
+        "--workers", "1",
+    ]
+    env = dict(os.environ)
+    # The server must not inherit a client-side tracking URI or S3 endpoint of the caller.
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+        env.pop(key, None)
+    proc = _spawn(cmd, log, env)
+    uri = f"http://{host}:{port}"
+    try:
+        _wait_healthy(f"{uri}/health", proc, log, "mlflow server", timeout)
+    except Exception:
+        _kill_group(proc.pid)
+        raise
+    return {"pid": proc.pid, "port": port, "host": host, "tracking_uri": uri, "log": str(log),
+            "backend": f"sqlite:///{root / 'mlflow.db'}", "artifacts": artifacts.as_uri()}
+
+
+def start_s3(root: Path, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60,
+             region: str = "us-east-1", bucket: str = DEFAULT_BUCKET) -> dict[str, Any]:
+    port = port or free_port(host)
+    log = root / "logs" / "s3.log"
+    env = dict(os.environ)
+    env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_BOOTSTRAP_REQUESTS)
+    cmd = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+    proc = _spawn(cmd, log, env)
+    url = f"http://{host}:{port}"
+    try:
+        _wait_healthy(f"{url}/moto-api/", proc, log, "S3 endpoint (moto)", timeout)
+        keys = _bootstrap_s3(url, region, bucket)
+    except Exception:
+        _kill_group(proc.pid)
+        raise
+    return {"pid": proc.pid, "port": port, "host": host, "endpoint_url": url, "region": region,
+            "bucket": bucket, "log": str(log), **keys}
+
+
+def _bootstrap_s3(url: str, region: str, bucket: str) -> dict[str, str]:
+    import boto3
+
+    anon = secrets.token_hex(8)
+    iam = boto3.client("iam", endpoint_url=url, region_name=region,
+                       aws_access_key_id=anon, aws_secret_access_key=anon)
+    iam.create_user(UserName="c2disr")
+    policy = {"Version": "2012-10-17",
+              "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="c2disr", PolicyName="s3-all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="c2disr")["AccessKey"]
+    s3 = boto3.client("s3", endpoint_url=url, region_name=region,
+                      aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+    s3.create_bucket(Bucket=bucket)
+    return {"access_key": key["AccessKeyId"], "secret_key": key["SecretAccessKey"]}
+
+
+def up(*, root: Path | None = None, host: str = "127.0.0.1", s3: bool = True,
+       mlflow_port: int | None = None, s3_port: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Start the stack, or return the running one's state when every service is healthy."""
+    root = root or data_dir()
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    state = read_state(root)
+    if state:
+        statuses = check(state)
+        wanted = {"mlflow"} | ({"s3"} if s3 else set())
+        if all(st.healthy for st in statuses if st.name in wanted) and wanted <= {st.name for st in statuses}:
+            say(f"stack already up (state in {state_path(root)})")
+            return state
+        say("stack state found but not every service is healthy: restarting it")
+        down(root=root, quiet=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        say(f"warning: binding servers to {host}: they are reachable from other machines")
+    state = {"root": str(root), "started_at": time.time(), "host": host}
+    try:
+        say("starting MLflow tracking server ...")
+        state["mlflow"] = start_mlflow(root, host, mlflow_port)
+        _write_state(state, root)
+        say(f"  MLflow  {state['mlflow']['tracking_uri']}")
+        if s3:
+            say("starting S3 endpoint (moto) ...")
+            state["s3"] = start_s3(root, host, s3_port)
+            _write_state(state, root)
+            say(f"  S3      {state['s3']['endpoint_url']}  bucket s3://{state['s3']['bucket']}")
+    except Exception:
+        down(root=root, quiet=True)
+        raise
+    return state
+
+
+# --------------------------------------------------------------------------------------
+# Inspecting and stopping
+# --------------------------------------------------------------------------------------
+
+
+def check(state: dict[str, Any]) -> list[ServiceStatus]:
+    out = []
+    if "mlflow" in state:
+        m = state["mlflow"]
+        running = _alive(m["pid"])
+        out.append(ServiceStatus("mlflow", m["tracking_uri"], m["pid"], running,
+                                 running and _http_ok(m["tracking_uri"] + "/health"), m["log"]))
+    if "s3" in state:
+        s = state["s3"]
+        running = _alive(s["pid"])
+        out.append(ServiceStatus("s3", s["endpoint_url"], s["pid"], running,
+                                 running and _http_ok(s["endpoint_url"] + "/moto-api/"), s["log"]))
+    return out
+
+
+def _kill_group(pid: int, timeout: float = 10.0) -> None:
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    if pgid != pid:  # not a session we started: stop only the pid itself
+        targets = [lambda sig: os.kill(pid, sig)]
+    else:
+        targets = [lambda sig: os.killpg(pgid, sig)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for kill in targets:
+            try:
+                kill(sig)
+            except ProcessLookupError:
+                return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not _alive(pid) and not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Only zombies left counts as gone.
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def down(*, root: Path | None = None, quiet: bool = False) -> list[str]:
+    """Stop the processes `up` started (verified by their command lines); remove the state."""
+    root = root or data_dir()
+    state = read_state(root)
+    stopped = []
+    if not state:
+        if not quiet:
+            print("stack is not up", file=sys.stderr)
+        return stopped
+    markers = {"mlflow": "mlflow", "s3": "moto.server"}
+    for name, marker in markers.items():
+        svc = state.get(name)
+        if not svc:
+            continue
+        pid = svc["pid"]
+        if _alive(pid) and marker in _cmdline(pid):
+            _kill_group(pid)
+            stopped.append(name)
+        elif not quiet:
+            print(f"{name} (pid {pid}) was not running", file=sys.stderr)
+    state_path(root).unlink(missing_ok=True)
+    if not quiet:
+        print(f"stopped: {', '.join(stopped) or 'nothing'}", file=sys.stderr)
+    return stopped
+
+
+# --------------------------------------------------------------------------------------
+# For jobs
+# --------------------------------------------------------------------------------------
+
+
+def ensure_stack(*, s3: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """The running local stack, started when needed (jobs call this when no cluster is named)."""
+    return up(s3=s3, quiet=quiet)
+
+
+def tracking_uri(explicit: str = "") -> str:
+    """MLflow URI: explicit > $MLFLOW_TRACKING_URI > the local stack (started if needed)."""
+    if explicit:
+        return explicit
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return ensure_stack()["mlflow"]["tracking_uri"]
+
+
+def masked(secret: str) -> str:
+    return secret[:4] + "…" if secret else ""
+
+
+def remove_data(root: Path | None = None) -> None:
+    """Delete the data directory (after `down`)."""
+    root = root or data_dir()
+    if read_state(root):
+        raise UserError("the stack is still up: run `c2d stack down` first")
+    shutil.rmtree(root, ignore_errors=True)
