@@ -1,0 +1,350 @@
+"""Model registry: backbones x variants x heads, built from typed configs.
+
+    model = build_model("swinir_l", variant="c2d", flavor="light", head="discrete", scale=4)
+    sr = model(lr)                       # lr (B, 3, h, w) float [0, 1] RGB -> (B, 3, 4h, 4w)
+    cont = build_model("swinir_l", head="continuous")
+    sr = cont(lr, out_size=(H, W))       # any size
+    rgb = cont.query(lr, coords, cells)  # (B, Q, 3), coords/cells (B, Q, 2), order (y, x)
+
+Registry: ``ARCHS`` maps an architecture name to the module that implements its backbone. The
+modules are imported lazily (on first use), so a broken or slow backbone module affects only
+the models that use it.
+
+Backbone module contract (what ``c2disr.models.<backbone>`` must define):
+
+- ``make_config(*, flavor: str, variant: str) -> cfg``: a frozen, keyword-only dataclass
+  instance (unknown names must raise, so YAML typos cannot pass silently) whose class inherits
+  ``c2disr.models.hier.HierFields`` (field ``variant`` etc.) and validates itself in
+  ``__post_init__`` (raising ValueError naming the field). ``flavor`` is "light" (published size)
+  or "tiny" (tests / CPU: forward+backward of a 32x32 input well under a second).
+- ``build_backbone(cfg) -> nn.Module``; the module has an int attribute ``out_channels`` and
+  ``forward(x)`` takes the NORMALISED input ``(B, 3, h, w)`` (``lr - DIV2K mean``; SRModel does the
+  mean shift, as the official models do with img_range 1) of any h, w (pad inside, crop back) and
+  returns features ``(B, out_channels, h, w)``: the output of conv_after_body plus the long
+  residual from conv_first, exactly what the official light models feed to their upsampler.
+  Size-derived tensors are non-persistent buffers or computed in forward.
+- ``official_key_map(cfg) -> dict[str, str | None]`` (for ``load_published``): every key of the
+  official checkpoint's backbone part -> our backbone key (without the ``backbone.`` prefix), or
+  None for official buffers we derive instead (relative-position indices, attention masks).
+  The official upsampler keys (``upsample.0.*``) are handled here, not by the backbone module.
+
+Overrides: ``build_model(..., overrides={"embed_dim": 48, "depths": [4, 4]})`` replaces config
+fields; an unknown key raises TypeError naming it and listing the valid keys; a value of the
+wrong type raises ValueError naming the key. Lists become tuples; ints are accepted for floats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from c2disr.models.common import DIV2K_RGB_MEAN
+from c2disr.models.heads import (
+    HEAD_FLAVORS,
+    ContinuousHead,
+    ContinuousHeadConfig,
+    DiscreteHeadConfig,
+    PixelShuffleDirect,
+    make_coords,
+    sample_bilinear,
+)
+from c2disr.models.hier import VARIANTS
+
+# The registry: architecture name -> module implementing its backbone (imported lazily).
+ARCHS: dict[str, str] = {
+    "swinir_l": "c2disr.models.swinir",
+    "srformer_l": "c2disr.models.srformer",
+    "mambairv2_l": "c2disr.models.mambairv2",
+}
+FLAVORS = ("light", "tiny")
+HEADS = ("discrete", "continuous")
+SPEC_KEYS = ("arch", "variant", "flavor", "head", "scale", "overrides", "head_overrides")
+
+__all__ = [
+    "ARCHS",
+    "FLAVORS",
+    "HEADS",
+    "VARIANTS",
+    "SRModel",
+    "backbone_module",
+    "build_model",
+    "build_from_spec",
+    "make_backbone_config",
+    "make_head_config",
+    "apply_overrides",
+    "to_discrete",
+    "param_groups",
+    "count_params",
+    "count_macs",
+    "load_published",
+]
+
+
+def backbone_module(arch: str) -> ModuleType:
+    """The module implementing `arch`'s backbone (see the contract above)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    return importlib.import_module(ARCHS[arch])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    bad = ValueError(f"{where}: key {key!r} expects {hint}, got {value!r} ({type(value).__name__})")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        elem = args[0]
+        return tuple(_coerce(v, elem, key, where) for v in value)
+    return value
+
+
+def apply_overrides(cfg, overrides: Mapping[str, Any] | None, *, where: str = "config"):
+    """`dataclasses.replace(cfg, **overrides)` with name and type checks (see module docstring)."""
+    if not overrides:
+        return cfg
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    clean = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise TypeError(
+                f"{where}: unknown key {key!r} for {type(cfg).__name__}; valid keys: {', '.join(names)}"
+            )
+        if key == "variant":
+            raise ValueError(f"{where}: set the variant with build_model(variant=...), not overrides")
+        clean[key] = _coerce(value, hints[key], key, where)
+    return dataclasses.replace(cfg, **clean)
+
+
+def make_backbone_config(arch: str, *, variant: str = "plain", flavor: str = "light", overrides=None):
+    """The backbone config of `arch` for a variant/flavor with overrides applied."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown flavor {flavor!r}; choose one of {FLAVORS}")
+    cfg = backbone_module(arch).make_config(flavor=flavor, variant=variant)
+    return apply_overrides(cfg, overrides, where=f"{arch} overrides")
+
+
+def make_head_config(head: str, *, flavor: str = "light", overrides=None):
+    """The head config for `head` ("discrete" | "continuous")."""
+    if head == "discrete":
+        return apply_overrides(DiscreteHeadConfig(), overrides, where="head_overrides")
+    if head == "continuous":
+        if flavor not in FLAVORS:
+            raise ValueError(f"unknown flavor {flavor!r}; choose one of {FLAVORS}")
+        base = ContinuousHeadConfig(**HEAD_FLAVORS[flavor])
+        return apply_overrides(base, overrides, where="head_overrides")
+    raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class SRModel(nn.Module):
+    """Mean shift -> backbone -> head (+ mean, or + bilinear input for the continuous head).
+
+    Inputs are `(B, 3, h, w)` float RGB in [0, 1], any h, w. Outputs are RGB in the same range
+    (not clamped: clamp/quantise at evaluation). Submodules: `backbone`, `head`.
+    """
+
+    def __init__(self, *, backbone: nn.Module, head: nn.Module, spec: dict, backbone_config, head_config):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.spec = spec
+        self.backbone_config = backbone_config
+        self.head_config = head_config
+        self.register_buffer(
+            "rgb_mean", torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+
+    @property
+    def continuous(self) -> bool:
+        return isinstance(self.head, ContinuousHead)
+
+    @property
+    def scale(self) -> int | None:
+        """The integer scale of a discrete model; None for a continuous one."""
+        return None if self.continuous else self.head.scale
+
+    @staticmethod
+    def _check_lr(lr: torch.Tensor) -> None:
+        if lr.ndim != 4 or lr.shape[1] != 3 or not lr.is_floating_point():
+            raise ValueError(
+                f"expected lr of shape (B, 3, h, w) float RGB in [0, 1], got {tuple(lr.shape)} {lr.dtype}"
+            )
+
+    def features(self, lr: torch.Tensor) -> torch.Tensor:
+        """`(B, 3, h, w)` [0, 1] -> backbone features `(B, C, h, w)`."""
+        self._check_lr(lr)
+        return self.backbone(lr - self.rgb_mean.to(lr.dtype))
+
+    def forward(self, lr: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`lr (B, 3, h, w)` -> `(B, 3, H, W)`: discrete H = h*scale; continuous needs out_size."""
+        h, w = lr.shape[-2:]
+        if not self.continuous:
+            s = self.head.scale
+            if out_size is not None and tuple(out_size) != (h * s, w * s):
+                raise ValueError(
+                    f"a discrete x{s} model outputs {(h * s, w * s)} for input {(h, w)}, not "
+                    f"{tuple(out_size)}; use a continuous head for other sizes"
+                )
+            return self.head(self.features(lr)) + self.rgb_mean.to(lr.dtype)
+        if out_size is None:
+            raise ValueError("a continuous model needs out_size=(H, W)")
+        big_h, big_w = (int(v) for v in out_size)
+        if big_h < 1 or big_w < 1:
+            raise ValueError(f"out_size must be positive, got {out_size}")
+        b = lr.shape[0]
+        coords = make_coords(big_h, big_w, device=lr.device, dtype=lr.dtype)
+        coords = coords.unsqueeze(0).expand(b, -1, -1)
+        cells = torch.tensor([2.0 / big_h, 2.0 / big_w], device=lr.device, dtype=lr.dtype)
+        cells = cells.expand_as(coords)
+        fmap = self.head.encode(self.features(lr))
+        rgb = self.head.query(fmap, coords, cells, chunk=self.head.cfg.chunk)  # (B, Q, 3)
+        rgb = rgb.transpose(1, 2).reshape(b, 3, big_h, big_w)
+        up = torch.nn.functional.interpolate(lr, size=(big_h, big_w), mode="bilinear", align_corners=False)
+        return rgb + up
+
+    def query(self, lr: torch.Tensor, coords: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Continuous heads only: RGB at `coords (B, Q, 2)` (pixel centres in [-1, 1], order
+        (y, x)) for cells `(B, Q, 2)` = (2/H, 2/W) of each sample's target size -> `(B, Q, 3)`."""
+        if not self.continuous:
+            raise ValueError("query() needs a continuous head (build_model(..., head='continuous'))")
+        if coords.ndim != 3 or coords.shape[-1] != 2 or cells.shape != coords.shape:
+            raise ValueError(
+                f"coords and cells must both be (B, Q, 2); got {tuple(coords.shape)} and {tuple(cells.shape)}"
+            )
+        fmap = self.head.encode(self.features(lr))
+        return self.head.query(fmap, coords, cells) + sample_bilinear(lr, coords)
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def build_model(
+    arch: str,
+    *,
+    variant: str = "plain",
+    flavor: str = "light",
+    head: str = "discrete",
+    scale: int = 4,
+    overrides: Mapping[str, Any] | None = None,
+    head_overrides: Mapping[str, Any] | None = None,
+) -> SRModel:
+    """Build an SRModel (see the module docstring). `scale` is used by the discrete head."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    cfg = make_backbone_config(arch, variant=variant, flavor=flavor, overrides=overrides)
+    head_cfg = make_head_config(head, flavor=flavor, overrides=head_overrides)
+    backbone = backbone_module(arch).build_backbone(cfg)
+    if head == "discrete":
+        head_mod: nn.Module = PixelShuffleDirect(in_channels=backbone.out_channels, scale=scale)
+    else:
+        head_mod = ContinuousHead(in_channels=backbone.out_channels, cfg=head_cfg)
+    spec = {
+        "arch": arch,
+        "variant": variant,
+        "flavor": flavor,
+        "head": head,
+        "scale": scale,
+        "overrides": _jsonable(dict(overrides or {})),
+        "head_overrides": _jsonable(dict(head_overrides or {})),
+    }
+    return SRModel(backbone=backbone, head=head_mod, spec=spec, backbone_config=cfg, head_config=head_cfg)
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> SRModel:
+    """Rebuild the architecture described by `SRModel.spec` (weights are not part of a spec)."""
+    unknown = set(spec) - set(SPEC_KEYS)
+    missing = {"arch"} - set(spec)
+    if unknown or missing:
+        raise ValueError(
+            f"model spec: unknown keys {sorted(unknown)}, missing {sorted(missing)}; "
+            f"a spec has keys {SPEC_KEYS}"
+        )
+    return build_model(**dict(spec))
+
+
+def to_discrete(model: SRModel, scale: int) -> SRModel:
+    """A discrete x`scale` model with `model`'s backbone tensors copied bit-exact and a fresh
+    pixelshuffledirect head (the continuous -> discrete step of C2D-ISR)."""
+    spec = dict(model.spec, head="discrete", scale=scale, head_overrides={})
+    out = build_from_spec(spec)
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        out = out.to(device=ref.device, dtype=ref.dtype)
+    out.backbone.load_state_dict(model.backbone.state_dict(), strict=True)
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices/kernels; none on biases, norms, position tables."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith("relative_position_bias_table"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (see c2disr.complexity)."""
+    from c2disr.complexity import count_params as _count
+
+    return _count(model)
+
+
+def count_macs(model: nn.Module, lr_hw: tuple[int, int], out_size=None) -> int:
+    """MACs of one forward (see c2disr.complexity.count_macs)."""
+    from c2disr.complexity import count_macs as _count
+
+    return _count(model, lr_hw, out_size=out_size)
+
+
+def load_published(model: SRModel, path) -> SRModel:
+    """Load an official checkpoint (see c2disr.models.checkpoints.load_published)."""
+    from c2disr.models.checkpoints import load_published as _load
+
+    return _load(model, path)

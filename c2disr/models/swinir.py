@@ -1,0 +1,218 @@
+"""SwinIR-L (lightweight SwinIR, "SwinIR-S" in its repository) with plain / hit / c2d bodies.
+
+Published light setting: embed 60, 4 residual groups of 6 Swin blocks, 6 heads, window 8,
+MLP ratio 2, pixelshuffledirect upsampler, DIV2K mean shift (about 0.91M params at x2).
+Structure (official key names in brackets where ours differ):
+
+    conv_first 3x3 (3 -> C)
+    embed_norm LayerNorm              [patch_embed.norm]
+    groups.i: body (blocks) -> conv 3x3 -> + input        [layers.i.residual_group.blocks.j / layers.i.conv]
+    norm LayerNorm -> conv_after_body 3x3 -> + conv_first output  -> features (B, C, h, w)
+
+A Swin block: x + W-MSA(LN(x)) with a cyclic shift of window/2 on odd blocks, then x + MLP(LN(x)).
+The plain model pads the (normalised) image to a multiple of the window with reflection, as the
+official forward does, and crops the features back; hit and c2d blocks pad to their own windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from c2disr.models.common import (
+    Mlp,
+    WindowAttention,
+    init_transformer_weights,
+    pad_bhwc,
+    pad_to_multiple,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
+from c2disr.models.hier import HierFields, build_group_body, validate_hier
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SwinIRConfig(HierFields):
+    """SwinIR backbone config (plus the plain/hit/c2d fields of HierFields).
+
+    embed_dim: channels C. depths: blocks per residual group (hit/c2d: one per window of the
+    schedule). num_heads: heads per group. window: Swin window (the "native" window).
+    mlp_ratio: MLP hidden = int(C * mlp_ratio). qkv_bias: bias in the qkv projection.
+    """
+
+    embed_dim: int = 60
+    depths: tuple[int, ...] = (6, 6, 6, 6)
+    num_heads: tuple[int, ...] = (6, 6, 6, 6)
+    window: int = 8
+    mlp_ratio: float = 2.0
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        if self.embed_dim < 1 or self.window < 1 or self.mlp_ratio <= 0:
+            raise ValueError(f"embed_dim, window and mlp_ratio must be positive: {self}")
+        if not self.depths or len(self.depths) != len(self.num_heads):
+            raise ValueError(
+                f"depths {self.depths} and num_heads {self.num_heads} must be non-empty and of equal length"
+            )
+        for h in self.num_heads:
+            if h < 1 or self.embed_dim % h:
+                raise ValueError(f"num_heads {h} must divide embed_dim {self.embed_dim}")
+            if self.variant != "plain" and self.embed_dim % (2 * h):
+                raise ValueError(
+                    f"variant {self.variant}: SCC splits C into Q and V, so 2 * num_heads ({2 * h}) "
+                    f"must divide embed_dim {self.embed_dim}"
+                )
+        validate_hier(self, depths=self.depths, native_window=self.window)
+
+
+# Flavor -> field values; variants then set depths to their schedule length.
+FLAVORS: dict[str, dict] = {
+    "light": {},
+    "tiny": {
+        "embed_dim": 32,
+        "depths": (2, 2),
+        "num_heads": (2, 2),
+        "window": 4,
+        "hier_base_window": 4,
+        "hit_ratios": (1.0, 2.0),
+        "c2d_schedule": (2.0, 1.0, 2.0),
+    },
+}
+
+
+def make_config(*, flavor: str, variant: str) -> SwinIRConfig:
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown flavor {flavor!r} for swinir_l; choose one of {sorted(FLAVORS)}")
+    fields = dict(FLAVORS[flavor])
+    groups = len(fields.get("depths", SwinIRConfig.depths))
+    if variant == "hit":
+        fields["depths"] = (len(fields.get("hit_ratios", HierFields.hit_ratios)),) * groups
+    elif variant == "c2d":
+        fields["depths"] = (len(fields.get("c2d_schedule", HierFields.c2d_schedule)),) * groups
+    return SwinIRConfig(variant=variant, **fields)
+
+
+class SwinBlock(nn.Module):
+    """Swin transformer block on `(B, H, W, C)`, any H, W (pads to the window, crops back)."""
+
+    def __init__(self, *, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float, qkv_bias: bool):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim=dim, num_heads=num_heads, window=window, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim=dim, hidden=int(dim * mlp_ratio))
+        self._mask_cache: tuple | None = None  # (key, mask): derived, never in the state_dict
+
+    def _mask(self, hp: int, wp: int, device) -> torch.Tensor:
+        key = (hp, wp, str(device))
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            self._mask_cache = (key, shifted_window_mask(hp, wp, self.window, self.shift, device))
+        return self._mask_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[1:3]
+        win = self.window
+        y = pad_bhwc(self.norm1(x), win, win)
+        hp, wp = y.shape[1:3]
+        mask = None
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+            mask = self._mask(hp, wp, y.device)
+        y = self.attn(window_partition(y, win, win), mask)
+        y = window_reverse(y, win, win, hp, wp)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + y[:, :h, :w]
+        return x + self.mlp(self.norm2(x))
+
+
+class ResidualGroup(nn.Module):
+    """body -> 3x3 conv -> + input, on `(B, H, W, C)` (official RSTB with resi_connection 1conv)."""
+
+    def __init__(self, body: nn.Module, dim: int):
+        super().__init__()
+        self.body = body
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x).permute(0, 3, 1, 2)
+        return x + self.conv(y).permute(0, 2, 3, 1)
+
+
+class SwinIRBackbone(nn.Module):
+    """Normalised `(B, 3, h, w)` -> features `(B, C, h, w)` (see the module docstring)."""
+
+    def __init__(self, cfg: SwinIRConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.embed_dim
+        self.out_channels = c
+        self.conv_first = nn.Conv2d(3, c, 3, padding=1)
+        self.embed_norm = nn.LayerNorm(c)
+        groups = []
+        for depth, heads in zip(cfg.depths, cfg.num_heads):
+
+            def make_native(window: int, index: int, heads=heads) -> nn.Module:
+                shift = window // 2 if index % 2 else 0
+                return SwinBlock(
+                    dim=c, num_heads=heads, window=window, shift=shift, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias
+                )
+
+            body = build_group_body(
+                cfg,
+                dim=c,
+                depth=depth,
+                num_heads=heads,
+                native_window=cfg.window,
+                make_native=make_native,
+                mlp_ratio=cfg.mlp_ratio,
+                ffn="mlp",
+            )
+            groups.append(ResidualGroup(body, c))
+        self.groups = nn.ModuleList(groups)
+        self.norm = nn.LayerNorm(c)
+        self.conv_after_body = nn.Conv2d(c, c, 3, padding=1)
+        init_transformer_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if self.cfg.variant == "plain":
+            x = pad_to_multiple(x, self.cfg.window, self.cfg.window)
+        first = self.conv_first(x)
+        t = self.embed_norm(first.permute(0, 2, 3, 1))
+        for group in self.groups:
+            t = group(t)
+        t = self.norm(t).permute(0, 3, 1, 2)
+        return (self.conv_after_body(t) + first)[:, :, :h, :w]
+
+
+def build_backbone(cfg: SwinIRConfig) -> SwinIRBackbone:
+    return SwinIRBackbone(cfg)
+
+
+# Renames between our backbone keys and the official SwinIR / HiT-SIR ones (ours -> official).
+_RENAMES = (
+    (r"^groups\.(\d+)\.body\.blocks\.", r"layers.\1.residual_group.blocks."),
+    (r"^groups\.(\d+)\.conv\.", r"layers.\1.conv."),
+    (r"^embed_norm\.", r"patch_embed.norm."),
+)
+
+
+def official_key_map(cfg: SwinIRConfig) -> dict[str, str | None]:
+    """Official SwinIR-S (plain) or HiT-SIR (hit) checkpoint key -> our backbone key."""
+    from c2disr.models.checkpoints import derive_key_map
+
+    if cfg.variant == "c2d":
+        raise ValueError("swinir_l variant c2d has no published checkpoint (plain: SwinIR-S, hit: HiT-SIR)")
+    derived: dict[str, None] = {}
+    if cfg.variant == "plain":
+        for i, depth in enumerate(cfg.depths):
+            for j in range(depth):
+                derived[f"layers.{i}.residual_group.blocks.{j}.attn.relative_position_index"] = None
+                if j % 2:
+                    derived[f"layers.{i}.residual_group.blocks.{j}.attn_mask"] = None
+    return derive_key_map(build_backbone, cfg, _RENAMES, derived)
