@@ -1,0 +1,406 @@
+"""Ray Data pipeline: WebDataset shards -> random-scale LR/HR training pairs.
+
+    ds = train_dataset("s3://bucket/t91", patch=48, batch_size=16)          # continuous [1, 4]
+    ds = train_dataset("file:///data/t91", patch=48, batch_size=16, fixed_scale=4)  # discrete
+    for batch in ds.iter_torch_batches(batch_size=16): ...
+
+One `read_webdataset` (raw bytes, file shuffle) through the pyarrow filesystem of the URI, then
+one `map_batches` task per batch (fused with the read, fractional `num_cpus`, so it fits beside
+training workers on a small machine) that runs `make_pairs`:
+
+- decode with the `srplatform.data.images` rules (gray replicated, alpha dropped, 16-bit
+  scaled, palette expanded: the rules of `c2disr.evaluate.load_image`);
+- pick ONE scale s for the batch (continuous: uniform in [scale_min, scale_max]; discrete: the
+  integer `fixed_scale`); HR patch side S = round(patch * s);
+- per sample: random S x S crop, random horizontal flip, vertical flip and transpose (the 8
+  symmetries of the square);
+- LR patch (patch x patch) = `c2disr.ops.resize.imresize(hr, size=(patch, patch))` (MATLAB
+  bicubic, antialiased), clamped to [0, 1] and rounded to 8-bit levels, i.e. exactly what an
+  LR image file would hold.
+
+Output columns (fixed shapes, so rows of batches with different scales stack):
+    lr       float32 (N, 3, p, p)  [0, 1] RGB
+    hr       float32 (N, 3, P, P)  [0, 1] RGB, P = round(p * scale_max); the valid S x S patch
+                                   is in the top-left corner, the rest is zero
+    hr_size  int32   (N,)          S, the valid HR side
+    scale    float32 (N,)          S / p, the exact scale of the pair (s rounded to the pixel grid)
+    skipped  int32   (N,)          samples of this batch that were dropped (undecodable, no image
+                                   member, or smaller than S), counted on the batch's first row
+                                   and 0 elsewhere: summing the column over everything consumed
+                                   gives the number of dropped samples. A batch whose samples
+                                   are all bad emits no row; its drops are logged as a warning.
+    epoch    int32   (N,)          the epoch the row belongs to
+
+Randomness: each batch draws from `numpy.random.SeedSequence([seed, epoch, block_id])` where
+block_id is a stable hash of the batch's first sample key, so no two batches share a stream,
+the same shards and seed give the same pairs (wherever the shards are stored), and a new epoch
+gives new crops. The file order is shuffled with a seed derived from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from srplatform import storage
+from srplatform.data.images import DecodeError, decode, to_float
+from srplatform.errors import UserError
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+# Extensions of members that can hold the sample's image, in order of preference.
+IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff")
+OUTPUT_COLUMNS = ("lr", "hr", "hr_size", "scale", "skipped", "epoch")
+
+
+# --------------------------------------------------------------------------------------
+# Pair making (pure numpy/torch; runs inside Ray tasks, DataLoader workers or locally)
+# --------------------------------------------------------------------------------------
+
+
+def hr_patch_max(patch: int, scale_max: float) -> int:
+    """P, the side of the fixed-size HR column: round(patch * scale_max)."""
+    return int(round(patch * scale_max))
+
+
+def block_seed(seed: int, epoch: int, first_key: str) -> np.random.SeedSequence:
+    """The seed sequence of one batch: (seed, epoch, 64-bit hash of its first key)."""
+    digest = hashlib.blake2b(first_key.encode("utf-8"), digest_size=8).digest()
+    return np.random.SeedSequence([int(seed), int(epoch), int.from_bytes(digest, "little")])
+
+
+def normalise_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """`read_webdataset` decoder: one WebDataset sample -> the fixed row schema
+    {key: str, url: str, image: bytes (b"" when the sample has no image member), members: str}.
+
+    No pixel decoding happens here (that is the map task's job); the point is a schema that
+    does not depend on which members a shard happens to contain.
+    """
+    members = sorted(k for k in sample if not k.startswith("__"))
+    image = b""
+    for ext in IMAGE_MEMBERS:
+        value = sample.get(ext)
+        if isinstance(value, (bytes, bytearray)):
+            image = bytes(value)
+            break
+    return {
+        "key": str(sample.get("__key__", "")),
+        "url": str(sample.get("__url__", "")),
+        "image": image,
+        "members": ",".join(members),
+    }
+
+
+def _as_list(col: Any) -> list:
+    if col is None:
+        return []
+    return list(col)
+
+
+def make_pairs(
+    batch: Mapping[str, Any],
+    *,
+    patch: int,
+    scale_min: float = 1.0,
+    scale_max: float = 4.0,
+    fixed_scale: int | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    quantize_lr: bool = True,
+) -> dict[str, np.ndarray]:
+    """One batch of raw samples -> LR/HR pairs (see the module docstring for the columns).
+
+    batch: columns "key" (str), "image" (bytes) and optionally "url" (str), as produced by
+        `normalise_sample`; numpy arrays or lists.
+    """
+    import torch
+
+    from c2disr.ops.resize import imresize
+
+    keys = [str(k) for k in _as_list(batch.get("key"))]
+    images = _as_list(batch.get("image"))
+    urls = _as_list(batch.get("url")) or [""] * len(keys)
+    n = len(keys)
+    s_max = float(fixed_scale) if fixed_scale else float(scale_max)
+    big = hr_patch_max(patch, s_max)
+    rng = np.random.default_rng(block_seed(seed, epoch, keys[0] if n else ""))
+    if fixed_scale:
+        side = int(patch * fixed_scale)
+    else:
+        side = int(round(patch * rng.uniform(scale_min, scale_max)))
+        side = min(max(side, patch), big)
+    # Draw every sample's randomness up front: a bad sample must not shift the others' crops.
+    u = rng.random((n, 5))
+
+    crops: list[np.ndarray] = []
+    bad: list[str] = []
+    for i in range(n):
+        data = images[i]
+        if data is None or (isinstance(data, float) and math.isnan(data)) or len(data) == 0:
+            bad.append(f"{keys[i]} ({urls[i]}): no image member")
+            continue
+        try:
+            arr, _ = decode(bytes(data))
+        except DecodeError as exc:
+            bad.append(f"{keys[i]} ({urls[i]}): {exc}")
+            continue
+        h, w = arr.shape[:2]
+        if h < side or w < side:
+            bad.append(f"{keys[i]} ({urls[i]}): {w}x{h} is smaller than the HR patch {side}")
+            continue
+        y = int(u[i, 0] * (h - side + 1))
+        x = int(u[i, 1] * (w - side + 1))
+        crop = arr[y : y + side, x : x + side]
+        if u[i, 2] < 0.5:
+            crop = crop[:, ::-1]
+        if u[i, 3] < 0.5:
+            crop = crop[::-1, :]
+        if u[i, 4] < 0.5:
+            crop = crop.transpose(1, 0, 2)
+        crops.append(to_float(np.ascontiguousarray(crop)))
+
+    if bad:
+        log.warning("skipped %d of %d samples: %s", len(bad), n, "; ".join(bad[:8]))
+    m = len(crops)
+    hr_out = np.zeros((m, 3, big, big), dtype=np.float32)
+    lr_out = np.zeros((m, 3, patch, patch), dtype=np.float32)
+    if m:
+        hr = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()  # (m,3,S,S)
+        lr = imresize(hr, size=(patch, patch)).clamp_(0.0, 1.0)
+        if quantize_lr:
+            lr = lr.mul_(255.0).round_().div_(255.0)
+        lr_out[:] = lr.numpy()
+        hr_out[:, :, :side, :side] = hr.numpy()
+    skipped = np.zeros(m, dtype=np.int32)
+    if m:
+        skipped[0] = len(bad)
+    return {
+        "lr": lr_out,
+        "hr": hr_out,
+        "hr_size": np.full(m, side, dtype=np.int32),
+        "scale": np.full(m, side / patch, dtype=np.float32),
+        "skipped": skipped,
+        "epoch": np.full(m, epoch, dtype=np.int32),
+    }
+
+
+class _PairTask:
+    """The map_batches function: cuts each incoming block into batches of `batch_size` rows
+    and yields `make_pairs` of each, so every training-size batch gets its own scale.
+
+    It takes whole blocks (map_batches batch_size=None) on purpose: Ray Data fuses a map that
+    takes whole blocks into the read task, so one task reads a shard and makes its pairs with
+    no raw bytes passing through the object store (a map with a fixed batch_size is never fused
+    with a read). One torch thread per task: Ray runs several tasks per core budget and threads
+    inside them would only fight each other.
+    """
+
+    def __init__(self, *, batch_size: int, **options: Any):
+        self.batch_size = batch_size
+        self.options = options
+
+    def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        import torch
+
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        n = len(block["key"])
+        for start in range(0, n, self.batch_size):
+            part = {k: v[start : start + self.batch_size] for k, v in block.items()}
+            out = make_pairs(part, **self.options)
+            if len(out["lr"]):
+                yield out
+
+
+# --------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------
+
+
+def shard_uris(
+    uri: str, settings: storage.S3Settings | Mapping[str, Any] | None = None
+) -> list[str]:
+    """The shards of a pack: those its manifest lists when DEST/manifest.json exists, else
+    every `.tar` under the prefix (or the one `.tar` the URI names). Raises `UserError` when
+    there are none."""
+    from srplatform.data.pack import read_manifest
+
+    u = storage.parse_uri(uri)
+    if u.key.endswith(".tar"):
+        if not storage.exists(u, settings):
+            raise UserError(f"shard {u} does not exist: check the URI")
+        return [str(u)]
+    manifest = read_manifest(str(u), settings)
+    if manifest is not None:
+        shards = [storage.join(u, sh["name"]) for sh in manifest.get("shards", [])]
+        if not shards:
+            raise UserError(f"the manifest at {u} lists no shards: re-run `c2d data pack`")
+        return shards
+    entries = storage.list_files(u, settings, suffixes=(".tar",), allow_empty=True)
+    if not entries:
+        raise UserError(
+            f"no WebDataset shards (.tar) under {u} (empty or missing prefix): pack images "
+            "there first with `c2d data pack SRC " + str(u) + "`"
+        )
+    return [e.uri for e in entries]
+
+
+def _check_options(patch: int, batch_size: int, scale_min: float, scale_max: float,
+                   fixed_scale: int | None, num_cpus: float) -> None:
+    if patch < 1:
+        raise UserError(f"patch must be a positive number of LR pixels (got {patch})")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be positive (got {batch_size})")
+    if fixed_scale is not None:
+        if int(fixed_scale) != fixed_scale or fixed_scale < 1:
+            raise UserError(f"fixed_scale must be a positive integer (got {fixed_scale})")
+    elif not (1.0 <= scale_min <= scale_max):
+        raise UserError(f"need 1 <= scale_min <= scale_max (got {scale_min}, {scale_max})")
+    if num_cpus <= 0:
+        raise UserError(f"num_cpus must be positive (got {num_cpus})")
+
+
+def train_dataset(
+    uri: str,
+    *,
+    patch: int,
+    batch_size: int,
+    scale_min: float = 1.0,
+    scale_max: float = 4.0,
+    fixed_scale: int | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    epochs: int = 1,
+    settings: storage.S3Settings | Mapping[str, Any] | None = None,
+    num_cpus: float = 0.25,
+    shuffle_files: bool = True,
+) -> ray.data.Dataset:
+    """A Ray Dataset of LR/HR pairs from the shards at `uri` (a pack's DEST, a prefix of
+    `.tar` files, or one `.tar`); columns as in the module docstring.
+
+    patch: LR patch side p. batch_size: samples per map task batch (all rows of one batch
+    share a scale; use the training batch size). fixed_scale: discrete training at this
+    integer scale (scale_min/max ignored). epochs: > 1 chains that many epochs (epoch,
+    epoch + 1, ...) into one dataset, each with its own file order and crops; the `epoch`
+    column tells them apart (convenient for a Ray Train loop that iterates its shard once).
+    num_cpus: CPUs reserved per read+pairs task (fractional so tasks fit beside training).
+    """
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    _check_options(patch, batch_size, scale_min, scale_max, fixed_scale, num_cpus)
+    if epochs < 1:
+        raise UserError(f"epochs must be at least 1 (got {epochs})")
+    u = storage.parse_uri(uri)
+    s = storage.resolve_settings(settings) if u.scheme == "s3" else None
+    shards = shard_uris(str(u), s)
+    _warn_min_size(str(u), s, patch, float(fixed_scale or scale_max))
+    fs, _ = storage.filesystem(u, s)
+    paths = [storage.parse_uri(x).fs_path for x in shards]
+
+    def one_epoch(ep: int) -> ray.data.Dataset:
+        shuffle = None
+        if shuffle_files:
+            shuffle = FileShuffleConfig(seed=int(block_seed(seed, ep, "files").generate_state(1)[0]))
+        ds = ray.data.read_webdataset(
+            paths,
+            filesystem=fs,
+            decoder=normalise_sample,
+            shuffle=shuffle,
+            num_cpus=num_cpus,
+            # One read task per shard: shards are the unit of parallelism and of file shuffle.
+            override_num_blocks=len(paths),
+        )
+        return ds.map_batches(
+            _PairTask(
+                batch_size=batch_size,
+                patch=patch,
+                scale_min=float(scale_min),
+                scale_max=float(scale_max),
+                fixed_scale=int(fixed_scale) if fixed_scale else None,
+                seed=int(seed),
+                epoch=int(ep),
+            ),
+            batch_format="numpy",
+            batch_size=None,
+            num_cpus=num_cpus,
+        )
+
+    ds = one_epoch(epoch)
+    if epochs > 1:
+        ds = ds.union(*[one_epoch(epoch + k) for k in range(1, epochs)])
+    return ds
+
+
+def epoch_datasets(
+    uri: str, *, start_epoch: int = 0, epochs: int | None = None, **options: Any
+) -> Iterator[tuple[int, ray.data.Dataset]]:
+    """Yield `(epoch, train_dataset(uri, epoch=epoch, **options))` for epoch = start_epoch,
+    start_epoch + 1, ... (forever when `epochs` is None): a fresh stream per epoch, with the
+    epoch in the seed."""
+    ep = start_epoch
+    while epochs is None or ep < start_epoch + epochs:
+        yield ep, train_dataset(uri, epoch=ep, **options)
+        ep += 1
+
+
+def _warn_min_size(uri: str, settings: Any, patch: int, scale_max: float) -> None:
+    from srplatform.data.pack import read_manifest
+
+    try:
+        manifest = read_manifest(uri, settings)
+    except UserError:
+        return
+    if not manifest:
+        return
+    packed_min = int(manifest.get("params", {}).get("min_size", 0))
+    need = hr_patch_max(patch, scale_max)
+    if packed_min < need:
+        log.warning(
+            "%s was packed with min_size=%d but the largest HR patch is %d: images with a "
+            "side under %d are dropped at large scales (counted in the `skipped` column)",
+            uri, packed_min, need, need,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Validation pairs
+# --------------------------------------------------------------------------------------
+
+
+def val_pairs(folder: str, scale: int, *, max_images: int = 0) -> list[tuple[str, Any, Any]]:
+    """Whole benchmark images with their deterministic LR:
+    `[(name, lr (1,3,h,w), hr (1,3,h*scale,w*scale)), ...]`, float32 [0, 1] RGB torch tensors,
+    sorted by file name; HR is cropped to a multiple of `scale` and LR made by MATLAB bicubic
+    (`c2disr.evaluate.make_pair`, the convention of published tables).
+
+    folder: a local folder or `file://` URI of images. max_images: 0 = all.
+    """
+    from c2disr.evaluate import load_image, make_pair
+
+    if int(scale) != scale or scale < 1:
+        raise UserError(f"validation scale must be a positive integer (got {scale})")
+    u = storage.parse_uri(folder)
+    if u.scheme != "file":
+        raise UserError(f"validation images must be a local folder (got {folder})")
+    from srplatform.data.images import IMAGE_SUFFIXES
+
+    entries = storage.list_files(u, suffixes=IMAGE_SUFFIXES)
+    if max_images:
+        entries = entries[:max_images]
+    out = []
+    for e in entries:
+        path = storage.parse_uri(e.uri).key
+        hr = load_image(path)
+        lr, hr_c = make_pair(hr, int(scale))
+        out.append((e.name.rsplit(".", 1)[0], lr.unsqueeze(0) if lr.dim() == 3 else lr,
+                    hr_c.unsqueeze(0) if hr_c.dim() == 3 else hr_c))
+    return out
