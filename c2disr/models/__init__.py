@@ -27,6 +27,8 @@ Backbone module contract (what ``c2disr.models.<backbone>`` must define):
   official checkpoint's backbone part -> our backbone key (without the ``backbone.`` prefix), or
   None for official buffers we derive instead (relative-position indices, attention masks).
   The official upsampler keys (``upsample.0.*``) are handled here, not by the backbone module.
+  Alternatively, when tensors need more than renaming, ``convert_official_state_dict(state)``
+  returning ``{SRModel key ("backbone.*", "head.*"): tensor}``; load_published checks strictness.
 
 Overrides: ``build_model(..., overrides={"embed_dim": 48, "depths": [4, 4]})`` replaces config
 fields; an unknown key raises TypeError naming it and listing the valid keys; a value of the
@@ -343,8 +345,8 @@ def count_macs(model: nn.Module, lr_hw: tuple[int, int], out_size=None) -> int:
     return _count(model, lr_hw, out_size=out_size)
 
 
-def load_published(model: SRModel, path) -> SRModel:
+def load_published(model: SRModel, path, *, backbone_only: bool = False) -> SRModel:
     """Load an official checkpoint (see c2disr.models.checkpoints.load_published)."""
     from c2disr.models.checkpoints import load_published as _load
 
-    return _load(model, path)
+    return _load(model, path, backbone_only=backbone_only)

@@ -5,6 +5,8 @@
 
 Supported: SwinIR-S (swinir_l plain), SRFormer-light (srformer_l plain), HiT-SIR / HiT-SRF
 (swinir_l / srformer_l hit), MambaIRv2-light (mambairv2_l plain; its module owns the map).
+A backbone module provides either `official_key_map(cfg)` (pure renames, see derive_key_map) or
+`convert_official_state_dict(state)` (renames plus tensor reshapes, returning SRModel keys).
 The mapping is explicit and strict: every official key must map to one of ours (or to a buffer
 we derive, which is dropped), every one of our keys must be filled, shapes must agree; otherwise
 a ValueError names the missing / unexpected / mismatched keys and the file.
@@ -78,7 +80,10 @@ def convert_official(model, state: Mapping[str, torch.Tensor], *, backbone_only:
     from c2disr.models import backbone_module
 
     arch = model.spec["arch"]
-    key_map = dict(backbone_module(arch).official_key_map(model.backbone_config))
+    module = backbone_module(arch)
+    if not hasattr(module, "official_key_map"):
+        return _convert_with_module(model, module, state, backbone_only=backbone_only, source=source)
+    key_map = dict(module.official_key_map(model.backbone_config))
     key_map = {k: (None if v is None else f"backbone.{v}") for k, v in key_map.items()}
     if model.continuous or backbone_only:
         if model.continuous and not backbone_only:
@@ -108,6 +113,38 @@ def convert_official(model, state: Mapping[str, torch.Tensor], *, backbone_only:
         converted[our_key] = tensor
     if mismatched:
         raise ValueError(f"{source}: shape mismatch (check scale / flavor / overrides): {'; '.join(mismatched[:8])}")
+    return converted
+
+
+def _convert_with_module(model, module, state, *, backbone_only, source):
+    """Backbones whose official tensors need more than renaming (e.g. squeezed stacks) provide
+    `convert_official_state_dict(state) -> {SRModel key: tensor}`; the strictness checks stay here."""
+    if not hasattr(module, "convert_official_state_dict"):
+        raise ValueError(f"{model.spec['arch']} has no published-checkpoint mapping")
+    if model.spec["variant"] != "plain":
+        raise ValueError(f"{source}: published checkpoints exist for the plain {model.spec['arch']} only")
+    if model.continuous and not backbone_only:
+        raise ValueError(
+            f"{source}: published checkpoints carry a pixelshuffledirect head; load them into a "
+            f"discrete model, or pass backbone_only=True to load only the backbone"
+        )
+    converted = dict(module.convert_official_state_dict(dict(state)))
+    if backbone_only or model.continuous:
+        converted = {k: v for k, v in converted.items() if not k.startswith("head.")}
+        expected = {k for k in model.state_dict() if k.startswith("backbone.")}
+    else:
+        expected = set(model.state_dict())
+    missing, unexpected = expected - set(converted), set(converted) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match {model.spec['arch']} (flavor {model.spec['flavor']}, scale "
+            f"{model.spec['scale']}): our keys not filled [{_short(missing)}]; "
+            f"converted keys we lack [{_short(unexpected)}]"
+        )
+    ours = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in converted.items() if v.shape != ours[k].shape]
+    if bad:
+        raise ValueError(f"{source}: shape mismatch (check scale / flavor / overrides): {'; '.join(bad[:8])}")
     return converted
 
 
