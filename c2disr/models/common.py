@@ -203,7 +203,8 @@ def set_fused_attention(module: nn.Module, enabled: bool) -> int:
 
 def init_transformer_weights(module: nn.Module) -> None:
     """Official SwinIR/HiT initialisation: Linear weights N(0, 0.02) truncated, zero biases,
-    LayerNorm (1, 0); convolutions keep PyTorch's default."""
+    LayerNorm (1, 0); convolutions keep PyTorch's default. Then every submodule with an
+    `init_weights()` method (e.g. hier.C2DBody's skip fusions) applies its own."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -212,3 +213,6 @@ def init_transformer_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if m is not module and callable(getattr(m, "init_weights", None)):
+            m.init_weights()

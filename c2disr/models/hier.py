@@ -311,8 +311,8 @@ class C2DBody(nn.Module):
     The layers before the first smallest-window layer form the encoder, the run of
     smallest-window layers the bottleneck, the rest the decoder. A decoder layer with window w
     is preceded by `fuse.{i}` = Linear(2C -> C) on concat(x, output of the latest unused encoder
-    layer with window w). mode "resample": the bottleneck runs at half resolution (2x2 average
-    pooling in, bilinear back out).
+    layer with window w), initialised to pass x unchanged (see init_weights). mode "resample":
+    the bottleneck runs at half resolution (2x2 average pooling in, bilinear back out).
     """
 
     def __init__(self, *, dim: int, windows: Sequence[int], blocks: Sequence[nn.Module], mode: str):
@@ -340,6 +340,18 @@ class C2DBody(nn.Module):
                 self.skip_from[i] = j
                 fuse[str(i)] = nn.Linear(2 * dim, dim)
         self.fuse = nn.ModuleDict(fuse)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fusions start as [I | 0]: pass the decoder's own input, ignore the skip. An untrained
+        body is then the plain stack of its blocks (a random fusion would scale the residual
+        stream by ~0.02 at every decoder layer); gradients still reach the skip half."""
+        for fuse in self.fuse.values():
+            dim = fuse.out_features
+            fuse.weight.zero_()
+            fuse.weight[:, :dim].copy_(torch.eye(dim, device=fuse.weight.device, dtype=fuse.weight.dtype))
+            fuse.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         saved: dict[int, torch.Tensor] = {}
