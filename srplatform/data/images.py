@@ -6,13 +6,16 @@ Ray Data tasks:
 - gray ("1", "L", "LA", 16-bit "I;16*"): replicated to 3 channels;
 - alpha ("RGBA", "LA", "PA", palette with transparency): dropped, never composited;
 - palette ("P"): expanded through its palette;
-- 16-bit gray: kept as uint16 and scaled by 1/65535 (Pillow itself reduces 16-bit-per-channel
-  *colour* PNGs to 8 bits when it opens them; they arrive here as 8-bit "RGB");
+- 16-bit (gray "I;16*", and 48/64-bit colour PNG or raw TIFF): kept as uint16, scaled by
+  1/65535. Pillow narrows 16-bit colour to 8 bits when it decodes; we decode such files a second
+  time with the sample byte order swapped, which yields the low bytes, and join the two;
 - other colour spaces ("CMYK", "YCbCr", "LAB", "HSV"): converted to RGB by Pillow;
 - 32-bit float ("F") and 32-bit integer images beyond 16-bit range: rejected (no agreed white
   level), so they are skipped with that reason;
 - animated files: the first frame.
-These are the same rules `c2disr.evaluate.load_image` documents for benchmark images.
+These are the rules of `c2disr.evaluate.read_image` (which reads files by path; shards hold
+bytes, and c2disr may not import srplatform, hence this bytes-level twin). A test decodes the
+same odd-mode files with both and requires identical pixels.
 
 Arrays are (H, W, 3) RGB, uint8 (white = 255) or uint16 (white = 65535); `to_float` makes
 float32 [0, 1].
@@ -23,6 +26,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,20 +48,62 @@ class Probe:
     """What `decode` learned about one image besides its pixels."""
 
     format: str  # Pillow's format name ("PNG", "JPEG", "WEBP", ...)
-    mode: str  # Pillow's mode as opened ("RGB", "L", "P", "I;16", ...)
+    mode: str  # Pillow's mode as opened ("RGB", "L", "P", "I;16", ...; "RGB;16" for 48-bit)
     width: int
     height: int
     converted: str  # what was done to reach RGB ("" when nothing), e.g. "alpha dropped"
 
 
-def _open(data: bytes) -> Image.Image:
+_BYTE_ORDER_SWAP = {"B": "L", "L": "B"}
+
+
+def _wide_rawmode(im: Image.Image) -> bool:
+    """True when Pillow is about to narrow 16-bit colour samples (rawmode "RGB;16B" etc.)."""
+    if im.mode not in ("RGB", "RGBA") or not im.tile:
+        return False
+    raws = [t.args if isinstance(t.args, str) else (t.args or ("",))[0] for t in im.tile]
+    if not all(isinstance(r, str) and r.startswith(im.mode + ";16") for r in raws):
+        return False
+    if any(r[-1] not in _BYTE_ORDER_SWAP for r in raws) or any(
+        t.codec_name not in ("zip", "raw") for t in im.tile
+    ):
+        raise DecodeError(
+            f"16-bit {im.mode} image in an encoding this loader cannot read at full precision "
+            f"(codec {im.tile[0].codec_name}): convert it to a 16-bit PNG or an 8-bit image"
+        )
+    return True
+
+
+def _low_bytes(data: bytes, mode: str) -> np.ndarray:
+    """Decode 16-bit colour again with the byte order of every tile swapped: Pillow then keeps
+    the low byte of each sample instead of the high one. (H, W, C) uint16 low bytes."""
+    im = Image.open(io.BytesIO(data))
+    swapped = []
+    for t in im.tile:
+        if isinstance(t.args, str):
+            args: Any = t.args[:-1] + _BYTE_ORDER_SWAP[t.args[-1]]
+        else:
+            args = (t.args[0][:-1] + _BYTE_ORDER_SWAP[t.args[0][-1]],) + tuple(t.args[1:])
+        swapped.append(t._replace(args=args))
+    im.tile = swapped
+    im.load()
+    return np.asarray(im, dtype=np.uint16)
+
+
+def _open(data: bytes) -> tuple[Image.Image, np.ndarray | None]:
+    """Open and fully decode. Returns (image, full 16-bit colour array or None)."""
+    wide = None
     try:
         with warnings.catch_warnings():
             # A decompression-bomb warning is an error here: one huge file must not stall a
             # data task; Pillow raises DecompressionBombError beyond twice the limit anyway.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
+            is_wide = _wide_rawmode(im)
             im.load()  # decode fully: truncated files fail here, not later
+            if is_wide:
+                hi = np.asarray(im, dtype=np.uint16)
+                wide = (hi << 8) | _low_bytes(data, im.mode)
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"image too large to decode safely ({exc})") from None
     except Image.DecompressionBombWarning as exc:
@@ -66,7 +112,7 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError("not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(f"corrupt or truncated image ({exc})") from None
-    return im
+    return im, wide
 
 
 def pil_to_rgb(im: Image.Image) -> tuple[np.ndarray, str]:
@@ -107,11 +153,16 @@ def decode(data: bytes) -> tuple[np.ndarray, Probe]:
     """Decode image bytes fully -> ((H, W, 3) uint8/uint16 RGB, Probe). Raises DecodeError."""
     if not data:
         raise DecodeError("empty file")
-    im = _open(data)
-    arr, note = pil_to_rgb(im)
+    im, wide = _open(data)
+    if wide is not None:
+        arr = np.ascontiguousarray(wide[..., :3])
+        note = "16-bit colour" + (", alpha dropped" if im.mode == "RGBA" else "")
+    else:
+        arr, note = pil_to_rgb(im)
     if arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape:
         raise DecodeError(f"decoded to an unusable array of shape {arr.shape}")
-    probe = Probe(im.format or "?", im.mode, im.width, im.height, note)
+    mode = im.mode + (";16" if wide is not None else "")
+    probe = Probe(im.format or "?", mode, im.width, im.height, note)
     return arr, probe
 
 
@@ -140,7 +191,7 @@ def storable(data: bytes, probe: Probe) -> tuple[bytes, str, bool]:
     ext = STORED_AS_IS.get(probe.format)
     if ext:
         return data, ext, False
-    im = _open(data)
+    im, _ = _open(data)
     if im.mode not in _PNG_MODES:
         if im.mode == "I":
             arr, _ = pil_to_rgb(im)
