@@ -57,8 +57,10 @@ def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"rgb_to_gray: expected (B, 3, H, W) RGB, got shape {tuple(x.shape)}")
-    w = torch.tensor(_Y_WEIGHTS, dtype=x.dtype, device=x.device) / 219.0
-    return torch.einsum("bchw,c->bhw", x, w).unsqueeze(1)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    # Written around G so that R = G = B gives back exactly G (no float residue): a gray image
+    # compared with itself must score inf dB, not 300.
+    return g + (_Y_WEIGHTS[0] / 219.0) * (r - g) + (_Y_WEIGHTS[2] / 219.0) * (b - g)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:

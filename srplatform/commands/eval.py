@@ -1,14 +1,83 @@
-"""`c2d eval`: placeholder until issue 8 lands."""
+"""`c2d eval`: PSNR/SSIM of a model (or the bicubic baseline) on benchmark folders."""
 
-from srplatform.commands import not_available
+from __future__ import annotations
 
-HELP = "PSNR/SSIM on benchmark folders with the published convention [not implemented yet]"
-DESCRIPTION = HELP + "\n\nThis command is not implemented yet (issue 8); it exits with status 3."
+import os
+import sys
+
+HELP = "PSNR/SSIM on benchmark folders with the published convention (bicubic or a model)"
+DESCRIPTION = HELP + """
+
+Makes LR inputs from each HR image the way published tables do (crop to a multiple of the scale,
+MATLAB bicubic downscale, rounded to uint8), upscales them with --model, and measures PSNR and
+SSIM on the BT.601 Y channel of the uint8-rounded output with `scale` border pixels removed.
+Prints a set x scale table on stdout and per-image progress on stderr.
+
+--model:
+  bicubic                      MATLAB bicubic upscaling (the published baseline)
+  PATH or file://PATH          a model file saved by c2disr.evaluate.save_model
+  DIR                          a local MLflow model directory
+  models:/NAME@ALIAS           a registered model (also models:/NAME/VERSION, runs:/RUN/model),
+                               resolved on the tracking server (--tracking-uri, else
+                               $MLFLOW_TRACKING_URI, else a running local stack)
+
+--data: comma-separated benchmark names (Set5, Set14: looked up in $C2D_SHARED/data or
+../shared/data beside the repository) or folders of HR images.
+
+Results are logged to MLflow (one run in --experiment) when a tracking URI is configured with
+--tracking-uri or $MLFLOW_TRACKING_URI; an unreachable server is a warning, not a failure.
+
+Examples:
+  c2d eval --model bicubic --data Set5,Set14 --scales 2,3,4
+  c2d eval --model runs/x4/model.pt --data Set5 --tile 128 --json set5.json
+  c2d eval --model models:/c2disr-swinir_l-c2d-x4@champion --data Set5,Set14
+"""
 
 
-def configure(parser):
-    pass
+def configure(parser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="bicubic | model file | MLflow model dir | models:/NAME@ALIAS | runs:/RUN/model")
+    parser.add_argument("--data", default="Set5,Set14",
+                        help="comma-separated benchmark names or folders of HR images")
+    parser.add_argument("--scales", default=None,
+                        help="comma-separated integer scales (default: 2,3,4; a discrete model: its own)")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                        help="also write the full report (per-image rows) as JSON here")
+    parser.add_argument("--tile", type=int, default=0, metavar="N",
+                        help="run in overlapping LR tiles of N pixels (0: whole images)")
+    parser.add_argument("--tile-overlap", type=int, default=32, metavar="N",
+                        help="LR pixels shared by neighbouring tiles")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--lr-float", action="store_true",
+                        help="keep LR inputs in float instead of rounding them to uint8")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking server (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--experiment", default="c2d-eval", help="MLflow experiment for the run")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="do not log to MLflow even when a tracking URI is configured")
+    parser.add_argument("--quiet", action="store_true", help="no per-image progress on stderr")
 
 
-def run(args):
-    return not_available("eval", "issue 8")
+def run(args) -> int:
+    from srplatform import evaluation as ev
+
+    datasets = ev.resolve_data(args.data)
+    scales = ev.parse_scales(args.scales)
+    upscaler = ev.resolve_model(
+        args.model, device=args.device, tracking_uri=args.tracking_uri,
+        tile=args.tile, overlap=args.tile_overlap,
+    )
+    report = ev.run_evaluation(
+        upscaler, datasets, scales, quantize_lr=not args.lr_float,
+        progress=None if args.quiet else ev._progress_printer(),
+    )
+    print(ev.format_table(report), flush=True)
+    if args.json_path:
+        path = ev.write_json(report, args.json_path)
+        print(f"wrote {path}", file=sys.stderr)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri and not args.no_mlflow:
+        run_id = ev.log_report(report, uri, experiment=args.experiment)
+        if run_id:
+            print(f"logged to MLflow run {run_id} (experiment {args.experiment})", file=sys.stderr)
+    return 0
