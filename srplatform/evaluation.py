@@ -41,6 +41,7 @@ __all__ = [
     "parse_scales",
     "model_tracking_uri",
     "resolve_model",
+    "progress_printer",
     "run_evaluation",
     "format_table",
     "write_json",
@@ -272,7 +273,7 @@ def resolve_model(
 # ----------------------------------------------------------------------------- running
 
 
-def _progress_printer(stream=None) -> Callable[[str, int, int, int, dict], None]:
+def progress_printer(stream=None) -> Callable[[str, int, int, int, dict], None]:
     stream = stream or sys.stderr
 
     def show(set_name: str, scale: int, i: int, n: int, row: dict) -> None:

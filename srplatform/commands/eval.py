@@ -69,7 +69,7 @@ def run(args) -> int:
     )
     report = ev.run_evaluation(
         upscaler, datasets, scales, quantize_lr=not args.lr_float,
-        progress=None if args.quiet else ev._progress_printer(),
+        progress=None if args.quiet else ev.progress_printer(),
     )
     print(ev.format_table(report), flush=True)
     if args.json_path:
