@@ -204,10 +204,24 @@ def connect(address: Address | str):
             return JobSubmissionClient(addr)
     except Exception as exc:  # ConnectionError, requests errors, RuntimeError from GCS lookup
         raise UserError(
-            f"cannot reach the Ray Jobs API at {addr}: {one_line(exc)}\n"
+            f"cannot reach the Ray Jobs API at {addr}: {explain(exc)}\n"
             "Is the cluster up and its dashboard reachable (the Jobs API is served by the "
             "dashboard, port 8265)?\n" + NO_CLUSTER_HELP.split("\n", 1)[1]
         ) from None
+
+
+AUTH_HELP = (
+    "the cluster requires a Ray authentication token (token auth is on; Ray 2.60 turns it on "
+    "for clusters started where ~/.ray/auth_token exists). Export RAY_AUTH_MODE=token and make "
+    "that cluster's token available here: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+)
+
+
+def explain(exc: BaseException, limit: int = 300) -> str:
+    """One line for an error from the Jobs API; authentication failures get what to do."""
+    if type(exc).__name__ == "AuthenticationError" or "authentication token" in str(exc).lower():
+        return AUTH_HELP
+    return one_line(exc, limit)
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -327,7 +341,9 @@ class SubmitPlan:
 
     @property
     def secrets(self) -> list[str]:
-        return secret_values(self.runtime_env.get("env_vars", {}))
+        """Values never to print: secret-looking forwarded values and local ones (a Ray
+        auth token, say, which is not forwarded but may echo back in an error)."""
+        return secret_values(self.runtime_env.get("env_vars", {})) + secret_values(os.environ)
 
 
 def build_entrypoint(
@@ -544,7 +560,7 @@ def submit(client, plan: SubmitPlan) -> str:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"submission failed: {mask(one_line(exc, 600), plan.secrets)}") from None
+        raise UserError(f"submission failed: {mask(explain(exc, 600), plan.secrets)}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -631,7 +647,7 @@ def _status_with_retries(client, submission_id: str, attempts: int = 5) -> str:
             return status_of(client, submission_id)
         except Exception as exc:
             if i == attempts - 1:
-                raise UserError(f"cannot read the status of {submission_id}: {one_line(exc)}") from None
+                raise UserError(f"cannot read the status of {submission_id}: {explain(exc)}") from None
             time.sleep(1.0 + i)
     raise AssertionError("unreachable")
 
@@ -667,7 +683,7 @@ def job_info(client, submission_id: str):
         return client.get_job_info(submission_id)
     except Exception as exc:
         raise UserError(
-            f"no job {submission_id!r} on this cluster ({one_line(exc)}); `c2d jobs list` shows them"
+            f"no job {submission_id!r} on this cluster ({explain(exc)}); `c2d jobs list` shows them"
         ) from None
 
 

@@ -65,7 +65,7 @@ def _list(sub, client, args) -> int:
     except Exception as exc:
         from srplatform.errors import UserError
 
-        raise UserError(f"cannot list jobs: {sub.one_line(exc)}") from None
+        raise UserError(f"cannot list jobs: {sub.explain(exc)}") from None
     if not infos:
         print("no submitted jobs on this cluster")
         return 0
@@ -106,7 +106,7 @@ def _get_logs(sub, client, submission_id: str) -> str:
     except Exception as exc:
         from srplatform.errors import UserError
 
-        raise UserError(f"cannot read the logs of {submission_id}: {sub.one_line(exc)}") from None
+        raise UserError(f"cannot read the logs of {submission_id}: {sub.explain(exc)}") from None
 
 
 def _stop(sub, client, args) -> int:
@@ -120,7 +120,7 @@ def _stop(sub, client, args) -> int:
     except Exception as exc:
         from srplatform.errors import UserError
 
-        raise UserError(f"cannot stop {args.id}: {sub.one_line(exc)}") from None
+        raise UserError(f"cannot stop {args.id}: {sub.explain(exc)}") from None
     print(f"stop requested for {args.id} (was {status})")
     if not args.wait:
         return 0
