@@ -1,0 +1,165 @@
+"""Optimisation pieces of one training stage: parameter groups, the step-driven learning-rate
+schedule with warm-up, and an exponential moving average (EMA) of the weights.
+
+    groups = param_groups(model, weight_decay=1e-4)      # decay / no_decay, explicit
+    opt = build_optimizer(model, cfg.pretrain)             # Adam or AdamW over those groups
+    sched = build_scheduler(opt, cfg.pretrain)             # LambdaLR; call .step() once per step
+    ema = EMA(model, decay=0.999)                          # ema.update(model) after each step
+
+The schedule is a function of the optimizer step, never of epochs: with streamed data the number
+of batches per epoch depends on the worker count and on skipped samples, so only the step count
+means the same thing on every cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+# Parameter names (last component) that never get weight decay besides 0/1-d tensors.
+# Position-bias tables are 2-d but are additive biases of the attention logits; decaying them
+# pulls the learned relative-position prior towards zero (Swin / timm `no_weight_decay`).
+NO_DECAY_NAMES = frozenset({
+    "relative_position_bias_table",
+    "absolute_pos_embed",
+    "pos_embed",
+    "logit_scale",
+    "A_log",
+    "A_logs",
+    "D",
+    "Ds",
+})
+
+
+def no_decay(name: str, param: torch.Tensor, extra: frozenset[str] | set[str] = frozenset()) -> bool:
+    """True when parameter `name` must not be decayed: biases and norm scales (ndim <= 1),
+    position-bias tables and state-space constants (by name), parameters flagged with
+    `_no_weight_decay = True` (VMamba/MambaIR convention) and names a model lists in
+    `no_weight_decay()` (timm convention, passed here as `extra`)."""
+    last = name.rsplit(".", 1)[-1]
+    return (
+        param.ndim <= 1
+        or last in NO_DECAY_NAMES
+        or name in extra
+        or last in extra
+        or bool(getattr(param, "_no_weight_decay", False))
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two explicit AdamW groups: `decay` (weight matrices and kernels) with `weight_decay`,
+    `no_decay` (see `no_decay`) with 0. Frozen parameters are left out. Each group carries its
+    parameter names under "names" (the optimizer ignores extra keys) so they can be checked."""
+    hook = getattr(model, "no_weight_decay", None)
+    extra = set(hook()) if callable(hook) else set()
+    groups: dict[str, dict[str, Any]] = {
+        "decay": {"params": [], "names": [], "weight_decay": float(weight_decay), "group": "decay"},
+        "no_decay": {"params": [], "names": [], "weight_decay": 0.0, "group": "no_decay"},
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = groups["no_decay" if no_decay(name, p, extra) else "decay"]
+        g["params"].append(p)
+        g["names"].append(name)
+    return [g for g in groups.values() if g["params"]]
+
+
+def build_optimizer(model: nn.Module, section) -> torch.optim.Optimizer:
+    """Adam or AdamW (`section.optimizer`) over `param_groups`, lr `section.lr`.
+
+    `section` is an `OptimSection` (pretrain or finetune). Plain Adam applies weight decay as an
+    L2 term in the gradient, so `no_decay` matters for it too."""
+    groups = param_groups(model, section.weight_decay)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[section.optimizer]
+    betas = (float(section.betas[0]), float(section.betas[1]))
+    return cls(groups, lr=section.lr, betas=betas)
+
+
+def lr_factor(step: int, *, total: int, schedule: str, warmup: int = 0,
+              milestones: list[int] | tuple[int, ...] = (), gamma: float = 0.5) -> float:
+    """The learning-rate multiplier at optimizer step `step` (0-based).
+
+    warm-up: linear from 1/warmup at step 0 to 1 at step warmup-1 (never exactly 0, so the first
+    step already moves the weights); then
+    cosine: half a cosine from 1 to 0 over the remaining `total - warmup` steps;
+    multistep: times `gamma` for every milestone <= step (milestones are absolute steps);
+    constant: 1.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "multistep":
+        return float(gamma ** sum(1 for m in milestones if step >= m))
+    if schedule == "cosine":
+        span = max(1, total - warmup)
+        t = min(1.0, max(0.0, (step - warmup) / span))
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ValueError(f"unknown schedule {schedule!r}; use cosine, multistep or constant")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, section) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR following `lr_factor`; `scheduler.step()` once after every optimizer step, so
+    the lr used at step k is `section.lr * lr_factor(k)`."""
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total=section.steps, schedule=section.schedule,
+                         warmup=section.warmup_steps, milestones=section.milestones,
+                         gamma=section.gamma)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EMA:
+    """Exponential moving average of a model's weights: `ema = d * ema + (1 - d) * weights`.
+
+    The decay ramps up as `min(decay, (1 + n) / (10 + n))` after n updates, so the average is
+    not dominated by the random initialisation in short runs (a plain 0.999 would still be 37%
+    initial weights after 1000 steps). Buffers are copied, not averaged. `module` is a frozen
+    copy in eval mode, used for validation and saved beside the raw weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, ramp: bool = True):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.ramp = ramp
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """The decay the next `update` will use."""
+        n = self.updates
+        return min(self.decay, (1.0 + n) / (10.0 + n)) if self.ramp else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold `model`'s current weights into the average (call after `optimizer.step()`)."""
+        d = self.current_decay()
+        ema_p, new_p = [], []
+        for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
+            if e.is_floating_point():
+                ema_p.append(e)
+                new_p.append(p.detach())
+            else:
+                e.copy_(p)
+        if ema_p:
+            torch._foreach_lerp_(ema_p, new_p, 1.0 - d)
+        for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": torch.tensor(self.updates),
+                "decay": torch.tensor(self.decay, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"], strict=True)
+        self.updates = int(state["updates"])
