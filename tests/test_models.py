@@ -21,6 +21,7 @@ from c2disr.models import (
 from c2disr.models.common import (
     MASK_VALUE,
     WindowAttention,
+    relative_position_index,
     set_fused_attention,
     shifted_window_mask,
     window_partition,
@@ -387,3 +388,90 @@ def test_apply_overrides_coerces_yaml_values():
 
     cfg = apply_overrides(make_config(flavor="tiny", variant="plain"), {"mlp_ratio": 3, "depths": [1, 2]})
     assert cfg.mlp_ratio == 3.0 and isinstance(cfg.mlp_ratio, float) and cfg.depths == (1, 2)
+
+
+def _official_psa(attn, x):
+    """The official SRFormer PSA forward on `(b_, n, c)` windows, written from its algorithm:
+    K/V channels reshaped as (pw, 2, pw, 2, [k|v], c/4), 2x2 patches folded into channels;
+    each query's bias row taken from an aligned index repeated over 2x2 query blocks."""
+    import torch.nn.functional as F
+
+    b_, n, c = x.shape
+    pw, heads = attn.pw, attn.num_heads
+    kv = F.linear(x, attn.kv.weight, attn.kv.bias).reshape(b_, pw, 2, pw, 2, 2, c // 4)
+    kv = kv.permute(0, 1, 3, 5, 2, 4, 6).reshape(b_, n // 4, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q = F.linear(x, attn.q.weight, attn.q.bias).reshape(b_, n, heads, c // heads).transpose(1, 2)
+    small = relative_position_index(pw, pw)
+    aligned = small.reshape(pw, pw, 1, 1, pw * pw).repeat(1, 1, 2, 2, 1).permute(0, 2, 1, 3, 4).reshape(n, n // 4)
+    bias = attn.relative_position_bias_table[aligned.view(-1)].view(n, n // 4, heads).permute(2, 0, 1)
+    a = ((q * attn.scale) @ kv[0].transpose(-2, -1) + bias).softmax(-1)
+    return F.linear((a @ kv[1]).transpose(1, 2).reshape(b_, n, c), attn.proj.weight, attn.proj.bias)
+
+
+def test_permuted_attention_matches_official_algorithm():
+    from c2disr.models.srformer import PermutedAttention
+
+    attn = PermutedAttention(dim=24, num_heads=3, window=8)
+    x = torch.randn(5, 64, 24)
+    with torch.no_grad():
+        ours = attn(x[:, None])[:, 0]
+        assert torch.allclose(ours, _official_psa(attn, x), atol=1e-5)
+
+
+def test_psa_official_mask_matches_official_slices():
+    from c2disr.models.srformer import psa_mask
+
+    h, w, window = 16, 24, 8
+    shift, pw = window // 2, window // 2
+    # the official key-map slices (the third w slice pair is (-pw, -pw): empty, as in the original)
+    lab = torch.zeros(h // 2, w // 2, dtype=torch.long)
+    cnt = 0
+    for hs in (slice(0, -pw), slice(-pw, -shift), slice(-shift, None)):
+        for ws in (slice(0, -pw), slice(-pw, -pw), slice(-pw, None)):
+            lab[hs, ws] = cnt
+            cnt += 1
+    q_lab = window_partition(_bruteforce_labels(h, w, window, shift)[None, :, :, None], window, window)[0, :, :, 0]
+    k_lab = window_partition(lab[None, :, :, None], pw, pw)[0, :, :, 0]
+    expected = torch.where(q_lab[:, :, None] == k_lab[:, None, :], 0.0, MASK_VALUE)
+    official = psa_mask(h, w, window, shift, "official")
+    exact = psa_mask(h, w, window, shift, "exact")
+    assert torch.equal(official, expected)
+    # the two agree away from the last window row/column, and differ inside it
+    n_cols = w // window
+    interior = [i for i in range(official.shape[0]) if i // n_cols < h // window - 1 and i % n_cols < n_cols - 1]
+    assert torch.equal(official[interior], exact[interior]) and not torch.equal(official, exact)
+
+
+def test_cli_model_info_and_list(capsys):
+    from srplatform.cli import main
+
+    assert main(["model", "info", "--arch", "swinir_l", "--variant", "hit", "--scale", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "772,064" in out and "206.4" in out and "640x360 -> 1280x720" in out
+    assert main(["model", "info", "--arch", "swinir_l", "--flavor", "tiny", "--head", "continuous",
+                 "--scale", "3.3", "--set", "head.width=16", "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert info["out_hw"] == [720, 1280] and info["lr_hw"] == [218, 388] and info["head_overrides"] == {"width": 16}
+    assert main(["model", "info", "--arch", "swinir_l", "--set", "windw=8"]) == 2
+    assert "windw" in capsys.readouterr().err
+    assert main(["model", "list"]) == 0
+    assert "mambairv2_l" in capsys.readouterr().out
+
+
+def test_load_published_dispatches_to_mambairv2_checkpoint():
+    import os
+    from pathlib import Path
+
+    shared = Path(os.environ.get("C2D_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    path = shared / "weights" / "mambairv2_lightSR_x2.pth"
+    if not path.is_file():
+        pytest.skip(f"official MambaIRv2-light x2 checkpoint not found at {path}")
+    model = build_model("mambairv2_l", scale=2)
+    load_published(model, path)
+    raw = torch.load(path, map_location="cpu", weights_only=True)["params"]
+    assert torch.equal(model.backbone.conv_first.weight, raw["conv_first.weight"])
+    assert torch.equal(model.head.upsample[0].weight, raw["upsample.0.weight"])
+    with pytest.raises(ValueError):
+        load_published(build_model("mambairv2_l", scale=4), path)  # x2 head into a x4 model
