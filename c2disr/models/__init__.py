@@ -93,7 +93,14 @@ def backbone_module(arch: str) -> ModuleType:
     """The module implementing `arch`'s backbone (see the contract above)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    return importlib.import_module(ARCHS[arch])
+    module = importlib.import_module(ARCHS[arch])
+    lacking = [name for name in ("make_config", "build_backbone") if not callable(getattr(module, name, None))]
+    if lacking:
+        raise NotImplementedError(
+            f"{ARCHS[arch]} does not implement the backbone contract yet (missing {', '.join(lacking)}); "
+            f"see the docstring of c2disr/models/__init__.py"
+        )
+    return module
 
 
 # ----------------------------------------------------------------------------- configs
