@@ -541,6 +541,23 @@ def staged_config(plan: SubmitPlan) -> Iterator[None]:
             (plan.root / STAGING_DIR).rmdir()  # only when no other submission is staging
 
 
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = 40) -> Iterator[None]:
+    """Raise the level of Ray's chattier loggers for a while (default ERROR): the packaging
+    code logs every ignore file it reads and warns about its own default excludes."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, saved):
+            lg.setLevel(old)
+
+
 def submit(client, plan: SubmitPlan) -> str:
     """Upload the working_dir and submit; returns the submission id."""
     kwargs = {}
@@ -549,7 +566,9 @@ def submit(client, plan: SubmitPlan) -> str:
     if plan.num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = plan.num_cpus
     try:
-        with staged_config(plan):
+        with staged_config(plan), quiet_loggers(
+            "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"
+        ):
             return client.submit_job(
                 entrypoint=plan.entrypoint,
                 submission_id=plan.submission_id,
@@ -623,7 +642,8 @@ def follow(
 
         error = None
         try:
-            asyncio.run(tail())
+            with quiet_loggers("ray.dashboard.modules.job.sdk", level=30):
+                asyncio.run(tail())
         except Exception as exc:  # a dropped websocket; the job may well still be running
             error = exc
         status = _status_with_retries(client, submission_id)

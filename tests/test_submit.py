@@ -34,10 +34,11 @@ from srplatform.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The job the end-to-end test submits with --follow and expects to SUCCEED. "{config}" is a
-# copy of jobs/configs/tiny.yaml outside the project (so config staging is exercised). When
-# training lands, switch to: ["pipeline", "--config", "{config}"]
-SUCCEEDING_JOB = ["selfcheck", "--config", "{config}", "--", "--expect-env", "AWS_SECRET_ACCESS_KEY"]
+# The job the end-to-end test submits with --follow and expects to SUCCEED. Placeholders:
+# "{data}" a folder of two small HR images, "{config}" a copy of jobs/configs/tiny.yaml outside
+# the project (staged into the upload). When training lands, switch to:
+#   SUCCEEDING_JOB = ["pipeline", "--config", "{config}"]
+SUCCEEDING_JOB = ["eval", "--", "--model", "bicubic", "--data", "{data}", "--scales", "2", "--no-mlflow"]
 
 
 # --------------------------------------------------------------------------------------
@@ -449,15 +450,29 @@ def outside_config(tmp_path):
     return path
 
 
+@pytest.fixture
+def hr_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")).save(folder / f"img{i}.png")
+    return folder
+
+
 def _assert_no_secret(text: str, secret_env: dict) -> None:
     for value in secret_env.values():
         assert value not in text
 
 
 @pytest.mark.integration
-def test_submit_follow_succeeds_and_logs_are_retrievable(ray_head, secret_env, outside_config):
+def test_submit_follow_succeeds_and_logs_are_retrievable(ray_head, secret_env, outside_config, hr_folder):
     sid = sub.make_submission_id("test")
-    job = [a.replace("{config}", str(outside_config)) for a in SUCCEEDING_JOB]
+    job = [a.replace("{config}", str(outside_config)).replace("{data}", str(hr_folder))
+           for a in SUCCEEDING_JOB]
     cut = job.index("--") if "--" in job else len(job)
     res = _c2d("submit", *job[:cut], "--address", ray_head.address, "--submission-id", sid, "--follow",
                *job[cut:], env={**secret_env, **ray_head.auth_env})
@@ -473,7 +488,9 @@ def test_submit_follow_succeeds_and_logs_are_retrievable(ray_head, secret_env, o
     assert str(info.status.value) == "SUCCEEDED"
     assert info.metadata["c2d.job"] == job[0] and info.metadata["c2d.git_commit"]
     assert info.runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == secret_env["AWS_SECRET_ACCESS_KEY"]
-    assert f".c2d-submit/{sid}/my run.yaml" in shlex.split(info.entrypoint)
+    assert shlex.split(info.entrypoint)[:3] == ["python", "-m", f"jobs.{job[0]}"]
+    if "{config}" in SUCCEEDING_JOB:  # the outside config went in as a staged relative path
+        assert f"{sub.STAGING_DIR}/{sid}/my run.yaml" in shlex.split(info.entrypoint)
     server_logs = client.get_job_logs(sid)
     assert server_logs.strip()
 
@@ -492,9 +509,10 @@ def test_submit_follow_succeeds_and_logs_are_retrievable(ray_head, secret_env, o
 @pytest.mark.integration
 def test_failing_job_reports_failed_with_its_log_tail(ray_head, secret_env, outside_config):
     """A selfcheck that must fail (a variable that is never set); its logs also show that the
-    staged config arrived byte for byte and that the forwarded secret was set (not its value)."""
+    staged config arrived byte for byte, that the forwarded secret was set (not its value) and
+    that the job's driver could join the token-authenticated cluster."""
     res = _c2d("submit", "selfcheck", "--config", str(outside_config), "--address", ray_head.address,
-               "--", "--expect-env", "C2D_TEST_NEVER_SET", "--no-ray", env={**secret_env, **ray_head.auth_env})
+               "--", "--expect-env", "C2D_TEST_NEVER_SET", env={**secret_env, **ray_head.auth_env})
     assert res.returncode == 0, res.stdout + res.stderr
     sid = re.search(r"^submitted (\S+)$", res.stdout, re.MULTILINE).group(1)
 
@@ -504,6 +522,7 @@ def test_failing_job_reports_failed_with_its_log_tail(ray_head, secret_env, outs
     digest = hashlib.sha256(outside_config.read_bytes()).hexdigest()
     assert f"sha256={digest}" in follow.stdout
     assert "env AWS_SECRET_ACCESS_KEY: set" in follow.stdout
+    assert re.search(r"^\[selfcheck\] ray .* nodes: 1,", follow.stdout, re.MULTILINE), "the driver joined the cluster"
 
     status = _c2d("jobs", "status", sid, "--address", ray_head.address, env=ray_head.auth_env)
     assert status.returncode == 0
