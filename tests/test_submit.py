@@ -8,10 +8,8 @@ started.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import io
 import os
 import re
 import runpy
