@@ -246,6 +246,10 @@ def main(argv=None) -> int:
     ap.add_argument("--proxy-steps", type=int, default=None, help="training steps of the quality proxy (0: skip)")
     ap.add_argument("--no-timing", action="store_true", help="params and MACs only")
     ap.add_argument("--out", default=str(HERE / "results" / "models.json"))
+    ap.add_argument(
+        "--update", action="store_true",
+        help="keep the rows of backbones not measured now (and the proxy when --proxy-steps 0) from --out",
+    )
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.lat_size, args.train_size = (32, 24) if args.quick else (64, 48)
@@ -282,13 +286,23 @@ def main(argv=None) -> int:
         log(f"[{time.time() - t_start:6.0f}s] quality proxy ({args.proxy_steps} steps per model) ...")
         proxy = quality_proxy(args)
 
+    out = Path(args.out)
+    if args.update and out.is_file():
+        old = json.loads(out.read_text())
+        rows = [r for r in old.get("rows", []) if r["arch"] not in archs] + rows
+        modes = [r for r in old.get("c2d_modes", []) if r["arch"] not in archs] + modes
+        order = {a: i for i, a in enumerate(sorted(ARCHS))}
+        rows.sort(key=lambda r: (order.get(r["arch"], 99), VARIANTS.index(r["variant"])))
+        modes.sort(key=lambda r: order.get(r["arch"], 99))
+        if not proxy:
+            proxy = old.get("quality_proxy", [])
+            args.proxy_steps = old.get("args", {}).get("proxy_steps", args.proxy_steps)
     table = tables(rows, modes, proxy, args)
     print("\n" + table)
     machine = (
         f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
         f"{args.threads} thread(s); quick={args.quick}"
     )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"table": table, "rows": rows, "c2d_modes": modes, "quality_proxy": proxy,
                                "machine": machine, "args": {k: v for k, v in vars(args).items()}}, indent=2))
