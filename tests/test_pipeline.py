@@ -163,8 +163,10 @@ def ray_local():
     ray = pytest.importorskip("ray")
     import ray.data
 
+    from srplatform.data.pipeline import RAY_SYSTEM_CONFIG
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _system_config=RAY_SYSTEM_CONFIG)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -56,6 +56,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Ray settings for clusters that run these tasks with fractional `num_cpus`. Ray keeps at most
+# about one idle worker process per CPU and kills the others after 1 s idle; with 0.25 CPU per
+# task there are up to 4 task workers per CPU, so every pause in the stream (a slow training
+# step, the next epoch) kills some, and each replacement pays the torch import again. Measured on
+# 2 CPUs: 0.25 CPU/task gave 18 pairs/s with Ray's defaults and 242 pairs/s with this setting
+# (benchmarks/data.py). Pass it as `ray.init(_system_config=RAY_SYSTEM_CONFIG)` or as the
+# environment variables `RAY_<name>=<value>` of `ray start` on every node.
+RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+
 # Extensions of members that can hold the sample's image, in order of preference.
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff")
 OUTPUT_COLUMNS = ("lr", "hr", "hr_size", "scale", "skipped", "epoch")
@@ -337,6 +346,12 @@ def train_dataset(
     ds = one_epoch(epoch)
     if epochs > 1:
         ds = ds.union(*[one_epoch(epoch + k) for k in range(1, epochs)])
+    # Ray Data reserves half of its CPU budget per operator and splits it across all pending
+    # operators (each epoch of the union is one), which on a small machine lets only one task
+    # run at a time. This pipeline is a chain of identical read+pairs operators with nothing to
+    # starve, so the reservation only costs throughput (2 CPUs, 1 CPU/task: 118 -> 191 pairs/s
+    # in benchmarks/data.py). The setting lives in this dataset's own context.
+    ds.context.op_resource_reservation_enabled = False
     return ds
 
 
