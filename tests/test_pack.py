@@ -227,6 +227,11 @@ def test_pack_is_idempotent_and_reproducible(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()} == mtimes
     b = pack(str(src), str(tmp_path / "b"), min_size=64, shard_size_mb=0.05, progress=False)
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    # A complete pack whose shard went missing is packed again, to the same bytes.
+    (tmp_path / "b" / b["shards"][-1]["name"]).unlink()
+    b2 = pack(str(src), str(tmp_path / "b"), min_size=64, shard_size_mb=0.05, progress=False)
+    assert b2["run"]["status"] == "packed"
+    assert [s["sha256"] for s in b2["shards"]] == [s["sha256"] for s in a["shards"]]
 
     # Different inputs at the same DEST: refused unless --overwrite.
     write_files(src, {"extra.png": odd_images(seed=2)["rgb.png"]})

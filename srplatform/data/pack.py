@@ -440,6 +440,15 @@ def pack(
     fp = fingerprint(sorted(sources, key=lambda s: s.rel), params)
 
     existing = read_manifest(dest, settings)
+    if existing is not None and existing.get("fingerprint") == fp and not overwrite:
+        # Same inputs and options: complete unless a shard went missing or changed size since.
+        for sh in existing.get("shards", []):
+            entry = storage.stat(storage.join(dest, sh["name"]), settings)
+            if entry is None or entry.size != sh["bytes"]:
+                log.warning("%s: shard %s is missing or damaged; packing again", dest,
+                            sh["name"])
+                overwrite = True
+                break
     if existing is not None:
         if existing.get("fingerprint") == fp and not overwrite:
             log.info("%s already holds this pack (%d samples); nothing to do", dest,

@@ -394,28 +394,32 @@ def _warn_min_size(uri: str, settings: Any, patch: int, scale_max: float) -> Non
 def val_pairs(folder: str, scale: int, *, max_images: int = 0) -> list[tuple[str, Any, Any]]:
     """Whole benchmark images with their deterministic LR:
     `[(name, lr (1,3,h,w), hr (1,3,h*scale,w*scale)), ...]`, float32 [0, 1] RGB torch tensors,
-    sorted by file name; HR is cropped to a multiple of `scale` and LR made by MATLAB bicubic
-    (`c2disr.evaluate.make_pair`, the convention of published tables).
+    sorted by file name; HR is cropped to a multiple of `scale` and LR made by MATLAB bicubic,
+    rounded to 8-bit levels (`c2disr.evaluate.list_images / load_image / make_pair`, the
+    convention of published tables).
 
-    folder: a local folder or `file://` URI of images. max_images: 0 = all.
+    folder: a local folder or `file://` URI of images (not searched recursively).
+    max_images: 0 = all. Missing folder, no images or an unreadable image: `UserError`.
     """
-    from c2disr.evaluate import load_image, make_pair
+    from c2disr.evaluate import list_images, load_image, make_pair
 
     if int(scale) != scale or scale < 1:
         raise UserError(f"validation scale must be a positive integer (got {scale})")
     u = storage.parse_uri(folder)
     if u.scheme != "file":
         raise UserError(f"validation images must be a local folder (got {folder})")
-    from srplatform.data.images import IMAGE_SUFFIXES
-
-    entries = storage.list_files(u, suffixes=IMAGE_SUFFIXES)
+    try:
+        paths = list_images(u.key)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"validation folder: {exc}") from None
     if max_images:
-        entries = entries[:max_images]
+        paths = paths[:max_images]
     out = []
-    for e in entries:
-        path = storage.parse_uri(e.uri).key
-        hr = load_image(path)
+    for path in paths:
+        try:
+            hr = load_image(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(f"validation image: {exc}") from None
         lr, hr_c = make_pair(hr, int(scale))
-        out.append((e.name.rsplit(".", 1)[0], lr.unsqueeze(0) if lr.dim() == 3 else lr,
-                    hr_c.unsqueeze(0) if hr_c.dim() == 3 else hr_c))
+        out.append((path.stem, lr.unsqueeze(0), hr_c.unsqueeze(0)))
     return out
