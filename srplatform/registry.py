@@ -11,8 +11,12 @@ The registered model's tag `champion_history` holds the chain of champions, olde
 comma-separated (the last entry is the current champion); `rollback` pops it.
 
 `register(...)` tags a new version with its validation metrics (`val.<name>`), `config_hash`,
-`manifest_hash`, `source_commit` (`git rev-parse HEAD` of this checkout, "unknown" outside git),
-`parent_run_id`, `arch`, `variant`, `scale`, who registered it and when.
+`manifest_hash`, `source_commit` (`$C2D_SOURCE_COMMIT`, else `git rev-parse HEAD` of this
+checkout, else "unknown"), `parent_run_id`, `arch`, `variant`, `scale`, who registered it and
+when. Who: `$C2D_USER`, else the login name.
+
+Rollback re-evaluates both versions on the benchmark for the record when the data is at hand;
+it never depends on it (a broken champion is a reason to roll back, not to be stuck).
 
 `promote(...)` never trusts logged numbers: it loads the candidate and the champion from the
 registry and evaluates both on a benchmark folder with the standard metric (PSNR/SSIM on Y,
@@ -83,7 +87,10 @@ def parse_model_name(name: str) -> dict[str, Any] | None:
 
 
 def source_commit(repo: Path | None = None) -> str:
-    """`git rev-parse HEAD` of the checkout this code runs from ("unknown" when not in git)."""
+    """`$C2D_SOURCE_COMMIT` when set (images built by CI, Ray working dirs without .git), else
+    `git rev-parse HEAD` of the checkout this code runs from, else "unknown"."""
+    if os.environ.get("C2D_SOURCE_COMMIT"):
+        return os.environ["C2D_SOURCE_COMMIT"]
     where = repo or Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
@@ -92,6 +99,16 @@ def source_commit(repo: Path | None = None) -> str:
         return "unknown"
     sha = out.stdout.strip()
     return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", sha) else "unknown"
+
+
+def http_defaults() -> None:
+    """MLflow HTTP limits for the admin commands (promote, upscale), unless the user set them:
+    60 s per request and 2 retries. Long enough for a busy server (a promotion is not worth
+    failing halfway over a slow response), short of MLflow's defaults (120 s, 7 retries with
+    back-off: about 20 minutes before a dead server is noticed). Training uses the stricter
+    `srplatform.tracking.configure_http`."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
 
 def _user() -> str:

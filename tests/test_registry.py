@@ -119,13 +119,25 @@ def bench(tmp_path_factory, shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def tracking(mlflow_uri):
+    """The stack's server, with generous HTTP limits: on a loaded shared machine single requests
+    can take many seconds, and another test may already have set short ones."""
+    import os
+
     import mlflow
 
+    keys = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"})
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(mlflow_uri)
     mlflow.set_experiment("test-registry")
     yield mlflow_uri
     mlflow.set_tracking_uri(before)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _log(model, **kw):
@@ -301,7 +313,7 @@ def test_upscale_folder_with_the_champion(tracking, models, shared_data, tmp_pat
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     with Image.open(shared_data / "Set5" / "bird.png") as im:
-        rgb = np.asarray(im.convert("RGB"))[100:140, 90:136]
+        rgb = np.array(im.convert("RGB"))[100:140, 90:136]
     with Image.open(shared_data / "Set5" / "head.png") as im:
         Image.fromarray(np.asarray(im.convert("RGB"))[60:100, 60:100]).save(src / "head.png")
     Image.fromarray(rgb).save(src / "bird.png")
@@ -324,5 +336,5 @@ def test_upscale_folder_with_the_champion(tracking, models, shared_data, tmp_pat
     tiled = sr_forward(champion, lr, tile=24, overlap=8).clamp(0, 1)
     psnr = 10 * torch.log10(1 / ((whole - tiled) ** 2).mean())
     assert psnr > 45, f"tiled vs whole-image output: {psnr:.1f} dB"
-    got = torch.from_numpy(np.asarray(Image.open(out / "bird.png"))).permute(2, 0, 1).float()
+    got = torch.from_numpy(np.array(Image.open(out / "bird.png"))).permute(2, 0, 1).float()
     assert (got - (tiled[0] * 255).round()).abs().max() <= 1

@@ -63,11 +63,11 @@ def run(args) -> int:
     from srplatform import registry
     from srplatform.errors import UserError
     from srplatform.evaluation import model_tracking_uri
-    from srplatform.tracking import configure_http, redact_uri, server_reachable
+    from srplatform.tracking import redact_uri, server_reachable
 
     if args.rollback and (args.force or args.version is not None):
         raise UserError("--rollback takes no --version or --force")
-    configure_http()
+    registry.http_defaults()
     uri = model_tracking_uri(args.tracking_uri)
     if not server_reachable(uri):
         raise UserError(f"MLflow server {redact_uri(uri)} is not reachable (c2d stack up, or --tracking-uri)")

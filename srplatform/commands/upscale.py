@@ -89,9 +89,10 @@ def run(args) -> int:
     uri = args.model
     if uri.startswith(("models:/", "runs:/")):
         from srplatform.evaluation import model_tracking_uri
-        from srplatform.tracking import configure_http, redact_uri, server_reachable
+        from srplatform.registry import http_defaults
+        from srplatform.tracking import redact_uri, server_reachable
 
-        configure_http()
+        http_defaults()
         tracking = model_tracking_uri(args.tracking_uri)
         if not server_reachable(tracking):
             raise UserError(f"MLflow server {redact_uri(tracking)} is not reachable (needed for {uri})")
@@ -113,6 +114,6 @@ def run(args) -> int:
           + (f", existing {len(report.existing)}" if args.skip_existing else ""), file=sys.stderr)
     for path in report.ignored:
         print(f"  ignored: {path}", file=sys.stderr)
-    for path, why in report.skipped:
-        print(f"  skipped: {path}: {why}", file=sys.stderr)
+    for path, why in report.skipped:  # the reasons from the decoder already name the file
+        print(f"  skipped: {why if why.startswith(path) else f'{path}: {why}'}", file=sys.stderr)
     return 0 if report.ok else 1
