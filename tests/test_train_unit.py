@@ -447,3 +447,35 @@ def test_source_name_and_summary_table():
         StageResult(name="t/x3", kind="finetune", scale=3, error="RuntimeError: boom"),
     ])
     assert "x2 30.12/0.9000 (ema 30.20)" in table and "FAILED: RuntimeError: boom" in table
+
+
+def test_fan_out_reports_a_failed_scale_and_finishes_the_others(monkeypatch):
+    """The fan-out runs scales concurrently; one raising does not stop or hide the others."""
+    import threading
+
+    from srplatform.train import api
+
+    started, barrier = [], threading.Barrier(3, timeout=10)
+
+    def fake_stage(cfg, *, kind, scale, **kw):
+        started.append(scale)
+        barrier.wait()  # all three are in flight at the same time
+        if scale == 3:
+            raise RuntimeError("worker ran out of memory")
+        return api.StageResult(name=f"t/x{scale}", kind=kind, scale=scale, steps=5)
+
+    class Printer:
+        lines: list[str] = []
+
+        def say(self, run, msg):
+            self.lines.append(f"[{run}] {msg}")
+
+    monkeypatch.setattr(api, "_run_stage", fake_stage)
+    printer = Printer()
+    cfg = load_config(None, ["name=t"])
+    out = api._fan_out(cfg, [2, 3, 4], "/init.pt", data=None, tracker=None, parent_run_id=None,
+                       printer=printer)
+    assert sorted(started) == [2, 3, 4]
+    assert out[2].ok and out[4].ok and out[4].steps == 5
+    assert not out[3].ok and "worker ran out of memory" in out[3].error
+    assert any("t/x3" in line and "FAILED" in line for line in printer.lines)

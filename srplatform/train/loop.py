@@ -387,6 +387,7 @@ def _threads_for(cpus: float) -> int:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (see the module docstring)."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -521,12 +522,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 stage=stage.to_dict(), metrics=metrics)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=name)
+            # `report` returns once the files are uploaded, but the controller registers the
+            # checkpoint a little later; a worker dying in between would lose it (the restart
+            # would not see it). Wait for the commit, so that "saved" means restorable.
+            try:
+                ray.train.get_all_reported_checkpoints(
+                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=600)
+            except Exception as exc:  # noqa: BLE001 - training goes on; the next one may commit
+                say(f"checkpoint {name} not confirmed by Ray Train: {exc}")
             progress.send("checkpoint", step=at_step, total=total, name=name)
         else:
             ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
 
-    progress.send("start", step=step, total=total, world=world, resumed_from=resumed_from,
-                  device=str(device))
+    # Where the ranks run (one small collective at start): shown in the first progress line.
+    node = ray.get_runtime_context().get_node_id()
+    nodes: list[Any] = [node] * world
+    if distributed:
+        dist.all_gather_object(nodes, node)
+    progress.send("start", step=step, total=total, world=world, nodes=len(set(nodes)),
+                  resumed_from=resumed_from, device=str(device), pid=os.getpid())
     if resumed_from is not None:
         progress.send("resumed", step=step, total=total)
 

@@ -49,7 +49,7 @@ def format_event(ev: dict[str, Any]) -> str | None:
             parts.append(txt)
         return f"[{run}] val @{ev['step']}: " + ", ".join(parts)
     if kind == "start":
-        where = f"{ev.get('world', '?')} worker(s) on {ev.get('device', '?')}"
+        where = f"{ev.get('world', '?')} worker(s) on {ev.get('nodes', '?')} node(s), {ev.get('device', '?')}"
         if ev.get("resumed_from") is not None:
             return f"[{run}] resuming at step {ev['step']}/{ev['total']} from its latest checkpoint ({where})"
         return f"[{run}] training {ev['total']} steps ({where})"
