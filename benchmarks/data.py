@@ -14,8 +14,8 @@ What is compared (same run, same shards, same CPUs):
   through the same pyarrow filesystem, registered as a webdataset URL scheme), the same
   per-batch transform (`make_pairs`, one scale per batch), `torch.utils.data.DataLoader` with
   2 worker processes (persistent), batches of the same size.
-Each configuration first runs one warm-up epoch (worker start-up, imports), then the timed
-epochs; configurations alternate repeat by repeat so load changes on this shared machine hit
+Each configuration first runs one untimed warm-up of the same length (worker start-up,
+imports), then the timed epochs; configurations alternate repeat by repeat so load changes on this shared machine hit
 all of them alike, and the median is reported.
 - "resize": a batch of HR crops (float32, S x S) to p x p LR: `c2disr.ops.resize.imresize`
   (batched, one torch thread) vs PIL `Image.resize(..., BICUBIC)` per image on uint8 RGB and on
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder of HR images to pack")
     ap.add_argument("--patch", type=int, default=32, help="LR patch side")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--min-shards", type=int, default=8,
+                    help="pack option: at least this many shards (fewer = longer tasks)")
     ap.add_argument("--epochs", type=int, default=None, help="timed epochs per measurement")
     ap.add_argument("--repeats", type=int, default=None, help="alternating repeats")
     ap.add_argument("--num-cpus", default="0.25,0.5,1",
@@ -270,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             min_size = int(round(patch * 4.0))
             local = str(work / "shards")
             remote = f"s3://{BUCKET}/shards"
-            m = pack(args.src, local, min_size=min_size, progress=False)
-            pack(args.src, remote, min_size=min_size, settings=s3.settings, progress=False)
+            m = pack(args.src, local, min_size=min_size, min_shards=args.min_shards,
+                     progress=False)
+            pack(args.src, remote, min_size=min_size, min_shards=args.min_shards,
+                 settings=s3.settings, progress=False)
             n_img = m["samples"]
             log(f"packed {n_img} images ({m['bytes'] / 1e6:.1f} MB, {len(m['shards'])} shards)")
 
@@ -295,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                     start_ray(RAY_SYSTEM_CONFIG)
                     ray_started = True
                 t0 = time.perf_counter()
-                fn(epoch=0, epochs=1)
+                # As many epochs as a timed run: at 0.25 CPU/task the worker count only
+                # reaches its steady state when that many tasks can be in flight.
+                fn(epoch=0, epochs=epochs)
                 log(f"warm-up {where} {name}: {time.perf_counter() - t0:.1f} s")
             times: dict[tuple, list[float]] = {}
             counts: dict[tuple, int] = {}
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = "Ray Data (num_cpus=0.25/task), Ray default worker settings"
                 fn = functools.partial(ray_epoch, local, patch=patch, batch_size=bs,
                                        num_cpus=0.25, settings=None)
-                fn(epoch=0, epochs=1)
+                fn(epoch=0, epochs=epochs)
                 for r in range(repeats):
                     t0 = time.perf_counter()
                     n = fn(epoch=1 + r * epochs, epochs=epochs)
@@ -349,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     table = [
         f"Pairs: {n_img} images of {Path(args.src).name}, LR {patch}x{patch}, scale ~ U[1, 4] (HR up to "
         f"{int(round(patch * 4))}), batch {bs}, {epochs} epochs per measurement, median of "
-        f"{repeats}; 2 CPUs for either pipeline.",
+        f"{repeats}; {len(m['shards'])} shards of ~{m['samples'] // len(m['shards'])} images; "
+        "2 CPUs for either pipeline.",
         "",
         "| storage | pipeline | pairs/s | vs DataLoader |",
         "|---|---|---:|---:|",
@@ -387,8 +394,9 @@ def start_ray(system_config: dict) -> None:
     import ray
     import ray.data
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _system_config=system_config)
+    # address="local": always a fresh local Ray, never a cluster someone else started here.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _system_config=system_config)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -165,7 +165,8 @@ def ray_local():
 
     from srplatform.data.pipeline import RAY_SYSTEM_CONFIG
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": our own Ray, even if another one runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False, _system_config=RAY_SYSTEM_CONFIG)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
