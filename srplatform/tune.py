@@ -64,6 +64,7 @@ from srplatform.tune_space import SearchSpace, load_space, trial_config_dict, va
 
 SEARCH_RECORD = "_c2d_search.json"  # MLflow parent run of the search
 IDENTITY_RECORD = "_c2d_search_identity.json"  # what the search explores (resume check)
+LOGGED_RECORD = "_c2d_logged.json"  # trial id -> the status its MLflow run was completed with
 ASHA_RECORD = "_c2d_asha.json"  # ASHA's rungs and the trials it stopped early
 TUNE_SUBDIR = "experiment"  # Ray Tune's own experiment folder inside the search's folder
 BEST_FILE = "best.yaml"
@@ -635,8 +636,10 @@ _MLFLOW_END = {"finished": "FINISHED", "early-stopped": "KILLED", "stopped": "KI
 
 
 def _log_trial(tracker, experiment: str, parent: str | None, name: str, rec: TrialRecord,
-               existing) -> str | None:
-    """Complete (or create, for trials that never trained) the trial's child run."""
+               existing, logged: dict[str, str]) -> str | None:
+    """Complete the trial's child run (created by its training run; created here for trials
+    that never trained). What a trial ended with is logged once (`logged`: trial id -> status
+    already logged, kept across resumed sessions); the Pareto tag is refreshed every time."""
     if not parent:
         return None
     run_id = existing.info.run_id if existing is not None else None
@@ -647,23 +650,29 @@ def _log_trial(tracker, experiment: str, parent: str | None, name: str, rec: Tri
                                     tags={"c2d.tune": name, "c2d.trial_id": rec.trial_id})
         if not run_id:
             return None
-        tracker.log_params(run_id, {f"{k}": v for k, v in rec.values.items()})
+        tracker.log_params(run_id, dict(rec.values))
+    tracker.set_tags(run_id, {"c2d.pareto": rec.pareto, "c2d.trial_id": rec.trial_id, "c2d.tune": name})
+    if logged.get(rec.trial_id) == rec.status or rec.status in ("pending", "running"):
+        return run_id
     tracker.log_params(run_id, {f"tune.{k}": v for k, v in rec.labels.items()})
-    metrics = {k: v for k, v in rec.metrics.items() if isinstance(v, (int, float))}
+    # The training run logged val_x<s>_* itself; add the search's view: the aliases of the
+    # optimised scale, the model's cost, how far the trial got.
+    metrics = {k: v for k, v in rec.metrics.items() if not k.startswith("val_x")}
     if rec.macs_g is not None:
         metrics["macs_g"] = rec.macs_g
     if rec.params is not None:
         metrics["params"] = float(rec.params)
     metrics["tune_iterations"] = float(rec.iterations)
     tracker.log_metrics(run_id, metrics, step=rec.step)
-    tags = {"c2d.trial_status": rec.status, "c2d.trial_id": rec.trial_id, "c2d.tune": name,
-            "c2d.pareto": rec.pareto}
+    tags = {"c2d.trial_status": rec.status}
     if rec.error:
         tags["c2d.trial_error"] = rec.error[:5000]
     tracker.set_tags(run_id, tags)
     end = _MLFLOW_END.get(rec.status)
     if end:
         tracker.end_run(run_id, end)
+    if tracker.available:  # a call dropped while the server was down is retried next time
+        logged[rec.trial_id] = rec.status
     return run_id
 
 
@@ -833,9 +842,12 @@ def run_tune(cfg: Config, space_path: str | Path, *, name: str | None = None,
         (folder / TABLE_FILE).write_text(table + "\n")
 
         children = _children(tracker, experiment, parent.run_id)
+        logged_path = folder / LOGGED_RECORD
+        logged = _read_json(logged_path) or {}
         for rec in records:
             rec.mlflow_run_id = _log_trial(tracker, experiment, parent.run_id, name, rec,
-                                           children.get(rec.trial_id))
+                                           children.get(rec.trial_id), logged)
+        _write_json(logged_path, logged)
         if parent.run_id:
             done = [r for r in records if r.status not in ("pending", "running")]
             summary = {"trials": float(len(records)), "trials_done": float(len(done))}
