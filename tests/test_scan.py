@@ -68,7 +68,9 @@ def test_chunked_matches_sequential_reference_forward_and_gradients(length, chun
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-@pytest.mark.parametrize("with_d,with_bias,softplus", [(False, False, False), (True, False, True), (False, True, False)])
+@pytest.mark.parametrize(
+    "with_d,with_bias,softplus", [(False, False, False), (True, False, True), (False, True, False)]
+)
 def test_optional_arguments_match_reference(with_d, with_bias, softplus):
     t = _inputs(1, 4, 3, 90, seed=3)
     if not softplus:  # raw steps must be >= 0 for a decaying recurrence

@@ -124,7 +124,8 @@ class MambaIRv2Config(HierFields):
         if self.ffn_kernel % 2 == 0:
             raise ValueError(f"ffn_kernel must be odd (same-size depthwise conv), got {self.ffn_kernel}")
         if self.embed_dim < 3:
-            raise ValueError(f"embed_dim must be >= 3 (the router's hidden width is embed_dim // 3), got {self.embed_dim}")
+            raise ValueError(f"embed_dim must be >= 3 (the router's hidden width is embed_dim // 3), "
+                             f"got {self.embed_dim}")
         hidden = int(self.embed_dim * self.mlp_ratio)
         if hidden < 2 or hidden % 2:
             raise ValueError(f"embed_dim * mlp_ratio = {hidden} must be an even width >= 2 "
