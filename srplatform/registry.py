@@ -51,7 +51,7 @@ from srplatform.errors import UserError
 
 __all__ = [
     "CANDIDATE", "CHAMPION", "PREVIOUS", "HISTORY_TAG",
-    "model_name", "parse_model_name", "register", "promote", "rollback", "decide",
+    "model_name", "parse_model_name", "register", "ensure_registered", "promote", "rollback", "decide",
     "Evaluation", "PromotionResult", "format_result", "benchmark_folder", "source_commit",
 ]
 
@@ -584,3 +584,23 @@ def format_result(r: PromotionResult) -> str:
                  f"{('v' + r.champion_after) if r.champion_after else 'none'}   "
                  f"(history {' > '.join('v' + v for v in r.history) or '-'}; by {r.by} at {r.at})")
     return "\n".join(lines)
+
+
+def ensure_registered(run_id: str, *, arch: str, variant: str, scale: int, metrics: Mapping[str, float],
+                      config_hash: str, manifest_hash: str, parent_run_id: str | None,
+                      tracking_uri: str | None = None):
+    """Register the model that fine-tuning run `run_id` logged (`runs:/RUN/model`), unless a
+    version from that run already exists under the same name; returns the ModelVersion.
+
+    Idempotent, so re-running a finished pipeline never adds duplicate versions."""
+    name = model_name(arch, variant, scale)
+    client, _ = _client(tracking_uri)
+    try:
+        existing = [mv for mv in client.search_model_versions(f"name = '{name}'") if mv.run_id == run_id]
+    except Exception:  # noqa: BLE001 - no registered model of that name yet
+        existing = []
+    if existing:
+        return max(existing, key=lambda mv: int(mv.version))
+    return register(f"runs:/{run_id}/model", arch=arch, variant=variant, scale=scale, metrics=metrics,
+                    config_hash=config_hash, manifest_hash=manifest_hash, parent_run_id=parent_run_id,
+                    tracking_uri=tracking_uri)

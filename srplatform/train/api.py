@@ -94,6 +94,7 @@ class StageResult:
     resumed_from: list[int] = field(default_factory=list)
     skipped: bool = False  # True when the stage was already complete and not run again
     error: str | None = None
+    registered_model: str = ""  # "NAME:VERSION" of a fine-tuned model in the MLflow registry
 
     @property
     def ok(self) -> bool:
@@ -378,7 +379,12 @@ def ray_session() -> Iterator[None]:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+        from srplatform.data.pipeline import RAY_SYSTEM_CONFIG
+
+        # address="local": a Ray of our own even when another one runs on this machine. The
+        # system config keeps idle Ray Data task workers alive (see the pipeline module).
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 _system_config=RAY_SYSTEM_CONFIG, **kwargs)
     try:
         yield
     finally:
@@ -481,8 +487,10 @@ def _local_copy(uri: str, tmp: str, name: str) -> Path:
     return path
 
 
-def _log_final(tracker, run_id: str | None, result: StageResult, cfg: Config, data: DataRef) -> None:
-    """Weights as artifacts; a fine-tuned model also as an MLflow model (registry input)."""
+def _log_final(tracker, run_id: str | None, result: StageResult, cfg: Config, data: DataRef,
+               parent_run_id: str | None = None) -> None:
+    """Weights as artifacts; a fine-tuned model also as an MLflow model, registered as a new
+    version (alias `candidate`) of `c2disr-<arch>-<variant>-x<scale>`."""
     if not run_id or not tracker.available:
         return
     from srplatform import storage
@@ -520,7 +528,20 @@ def _log_final(tracker, run_id: str | None, result: StageResult, cfg: Config, da
                     **{f"c2disr_{k}": v for k, v in result.metrics.items()}}
             return log_sr_model(model, name="model", input_example=example, metadata=meta)
 
-        tracker.in_run(run_id, "log model", log_model)
+        if tracker.in_run(run_id, "log model", log_model) is None:
+            return
+
+        def register():
+            from srplatform.registry import ensure_registered
+
+            mv = ensure_registered(
+                run_id, arch=cfg.model.arch, variant=cfg.model.variant, scale=int(result.scale),
+                metrics=result.metrics, config_hash=cfg.digest(),
+                manifest_hash=data.manifest_sha256 or "", parent_run_id=parent_run_id,
+                tracking_uri=tracker.uri)
+            return f"{mv.name}:{mv.version}"
+
+        result.registered_model = tracker.in_run(run_id, "register model", register) or ""
 
 
 # --------------------------------------------------------------------------------------
@@ -673,7 +694,7 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
                       mlflow_run_id=run_id, steps=int(meta.get("step", section.steps)),
                       seconds=time.time() - t_start,
                       resumed_from=list(printer.resumes.get(label, [])))
-    _log_final(tracker, run_id, out, cfg, data)
+    _log_final(tracker, run_id, out, cfg, data, parent_run_id)
     tracker.end_run(run_id, "FINISHED")
     _write_json(storage.join(stage_uri, RESULT_FILE), out.to_dict())
     return out
