@@ -24,6 +24,15 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# One intra-op thread in the test process: Ray workers and servers run beside it on 2 cores,
+# and oversubscribed torch threads made tiny forwards ~100x slower under load.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
+
 
 def shared_path() -> Path:
     return Path(os.environ.get("C2D_SHARED", REPO.parent / "shared"))
