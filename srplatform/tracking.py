@@ -13,13 +13,16 @@ of MLflow's defaults (120 s timeout, 7 retries with exponential back-off: about 
 a dead server is noticed).
 
 All calls take an explicit `run_id` (MlflowClient, no global active run), so concurrent
-fine-tuning runs in threads of one driver do not step on each other.
+fine-tuning runs in threads of one driver do not step on each other. With `background=True`
+(what rank 0 of a training run uses) metrics and images are queued and sent by a thread, so a
+slow or hung server never stalls a training step; `close()` flushes the queue with a deadline.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -29,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 # Defaults applied unless the user set them (seconds / count).
-HTTP_TIMEOUT_S = "10"
+HTTP_TIMEOUT_S = "30"
 HTTP_MAX_RETRIES = "1"
 HTTP_BACKOFF_FACTOR = "1"
 PARENT_TAG = "mlflow.parentRunId"
@@ -101,7 +104,8 @@ class Tracker:
     `say` receives human-readable warnings (default: stderr)."""
 
     def __init__(self, uri: str | None, *, enabled: bool = True, cooldown: float = 60.0,
-                 say: Callable[[str], None] | None = None, probe: bool = True):
+                 say: Callable[[str], None] | None = None, probe: bool = True,
+                 background: bool = False, max_pending: int = 2000):
         self.uri = uri or ""
         self.enabled = bool(enabled and self.uri)
         self.cooldown = cooldown
@@ -112,10 +116,60 @@ class Tracker:
         self._warned = False
         self._lock = threading.Lock()
         self._client = None
+        self._pending: queue.Queue | None = None
+        self._sender: threading.Thread | None = None
         if self.enabled:
             configure_http()
             if probe and not server_reachable(self.uri):
                 self._mark_down(f"no answer from {redact_uri(self.uri)}/health")
+            if background:
+                self._pending = queue.Queue(maxsize=max_pending)
+                self._sender = threading.Thread(target=self._send_loop, name="c2d-mlflow", daemon=True)
+                self._sender.start()
+
+    # ---- background sending ------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while True:
+            item = self._pending.get()
+            try:
+                if item is None:
+                    return
+                self.call(*item)
+            finally:
+                self._pending.task_done()
+
+    def _submit(self, what: str, fn: Callable[[], Any]) -> None:
+        """Queue `fn` for the sender thread (or run it now without one); a full queue drops."""
+        if not self.enabled:
+            return
+        if self._pending is None:
+            self.call(what, fn)
+            return
+        try:
+            self._pending.put_nowait((what, fn))
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+
+    def close(self, timeout: float = 60.0) -> bool:
+        """Send what is queued (waiting at most `timeout` s) and stop the sender; True when
+        everything queued was handled. Idempotent; a no-op without background sending."""
+        if self._pending is None or self._sender is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while self._pending.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = not self._pending.unfinished_tasks
+        try:
+            self._pending.put_nowait(None)
+        except queue.Full:
+            pass
+        self._sender.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        if not done:
+            with self._lock:
+                self.dropped += self._pending.qsize()
+        self._sender = None
+        return done
 
     # ---- the guard ---------------------------------------------------------------------
     @property
@@ -230,7 +284,12 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()
                  if v is not None]
-        self.call("log metrics", lambda: self.client().log_batch(run_id, metrics=items))
+        self._submit("log metrics", lambda: self.client().log_batch(run_id, metrics=items))
+
+    def log_image(self, run_id: str | None, image, artifact_file: str) -> None:
+        """An image (numpy `(H, W, 3)` uint8) as a run artifact at `artifact_file`."""
+        if run_id:
+            self._submit("log image", lambda: self.client().log_image(run_id, image, artifact_file))
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         if not run_id or not tags:

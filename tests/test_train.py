@@ -67,7 +67,10 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    from srplatform.data.pipeline import RAY_SYSTEM_CONFIG
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING", _system_config=RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
 
@@ -279,7 +282,10 @@ def test_two_node_cluster_without_tracking_server(train_shards, val_folder, capf
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    from srplatform.data.pipeline import RAY_SYSTEM_CONFIG
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "_system_config": RAY_SYSTEM_CONFIG})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()

@@ -373,6 +373,36 @@ def test_tracker_survives_an_unreachable_server():
     assert tr.dropped >= 3 and "dropped" in tr.summary()
 
 
+def test_tracker_background_sending_never_blocks_on_a_hung_server(monkeypatch):
+    """A server that accepts connections but never answers: queued metrics return at once,
+    `close` gives up at its deadline and counts what was not sent; the health probe fails fast."""
+    import socket
+
+    from srplatform.tracking import Tracker, server_reachable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # never accepted: requests hang until their timeout
+    try:
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        t0 = time.monotonic()
+        assert not server_reachable(uri, timeout=1.0)
+        assert time.monotonic() - t0 < 3
+        said = []
+        tr = Tracker(uri, say=said.append, probe=False, background=True, cooldown=3600)
+        t0 = time.monotonic()
+        for step in range(50):
+            tr.log_metrics("run", {"loss": 1.0 / (step + 1)}, step=step)
+            tr.log_image("run", np.zeros((4, 4, 3), np.uint8), f"img{step}.png")
+        assert time.monotonic() - t0 < 1.0  # training never waited for the server
+        assert not tr.close(timeout=1.0)
+        assert tr.dropped >= 99 and len(said) <= 1
+    finally:
+        hung.close()
+
+
 def test_tracker_hides_credentials_in_messages():
     from srplatform.tracking import redact_uri
 

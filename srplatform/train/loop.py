@@ -421,7 +421,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             print(f"[{stage.run_name}] {msg}", flush=True)
 
-    tracker = Tracker(stage.mlflow_uri, enabled=rank == 0 and bool(stage.mlflow_run_id), say=say)
+    # Metrics and images go out from a background thread: tracking never stalls a step.
+    tracker = Tracker(stage.mlflow_uri, enabled=rank == 0 and bool(stage.mlflow_run_id), say=say,
+                      background=True)
     run_id = stage.mlflow_run_id or None
 
     # Same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
@@ -549,6 +551,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # more (all ranks) so the run ends with final metrics.
         latest_val = evaluate_now(step) if pairs else {}
         ray.train.report({"step": step, "epoch": epoch_seen, **latest_val}, checkpoint=None)
+        tracker.close(timeout=120)
         progress.send("end", step=step, total=total, metrics=latest_val)
         return
 
@@ -624,6 +627,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if do_val or do_ckpt:
             t_window = time.perf_counter()  # validation/checkpoint time is not training speed
 
+    tracker.close(timeout=120)
     progress.send("end", step=step, total=total, metrics=latest_val,
                   tracking=tracker.summary())
 
@@ -632,14 +636,10 @@ def _log_comparisons(tracker, run_id: str | None, samples: dict, step: int) -> N
     """One PNG per (weights, scale): LR nearest | bicubic | SR | HR crops."""
     if not run_id or not tracker.available:
         return
-    from PIL import Image
-
-    with tempfile.TemporaryDirectory(prefix="c2d-cmp-") as tmp:
-        for (name, s), (lr, sr, hr) in sorted(samples.items()):
-            tag = f"x{s}" + (f"_{name}" if name else "")
-            path = Path(tmp) / f"{tag}_step{step:07d}.png"
-            Image.fromarray(comparison_image(lr, sr, hr, s)).save(path)
-            tracker.log_artifact(run_id, path, "comparisons")
+    for (name, s), (lr, sr, hr) in sorted(samples.items()):
+        tag = f"x{s}" + (f"_{name}" if name else "")
+        tracker.log_image(run_id, comparison_image(lr, sr, hr, s),
+                          f"comparisons/{tag}_step{step:07d}.png")
 
 
 def read_meta(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,0 +1,175 @@
+"""Training throughput: the platform's Ray Train loop on 1 and 2 workers against a plain
+single-process PyTorch loop of the same model and step, all measured in one run.
+
+    python benchmarks/train.py [--quick] [--src ../shared/data/T91]
+
+What is measured (stage-1 steps: tiny C2D SwinIR-L with the continuous head, query-sampled L1,
+Adam, EMA; the tiny job's patch and batch size):
+- "plain PyTorch": one process, one torch thread, synthetic tensors of the training batch's
+  shapes, the same step code (`sample_queries`, forward, backward, Adam, scheduler, EMA). No data
+  loading: this is the compute-only lower bound of a step.
+- "Ray Train, N workers": `srplatform.train.api.run_stage` (TorchTrainer, DDP over gloo, Ray Data
+  streaming T91 shards, random scales in [1, 4]) with N = 1 and 2 workers of 0.75 CPU each (one
+  torch thread each; the rest of the 2 CPUs runs the data tasks). Throughput is the loop's own
+  `images_per_s` (global: all workers), the data-wait fraction its `data_wait_frac`, both from
+  its progress reports after the first window (start-up excluded), median over windows.
+Reported ratios: Ray 1 worker / plain (platform overhead), scaling efficiency
+ips(2) / (2 * ips(1)), and each run's data-wait fraction.
+
+Writes benchmarks/results/train.json ({"table": Markdown, "rows": [...], "machine": ...}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), load average "
+            f"{os.getloadavg()[0]:.1f} at start, torch {torch.__version__}")
+
+
+def base_config(args, name: str, workers: int):
+    from srplatform.config import load_config
+
+    steps = args.steps
+    return load_config(REPO / "jobs" / "configs" / "tiny.yaml", [
+        f"name={name}", f"data.source={args.src}", "data.val=", f"pretrain.steps={steps}",
+        "pretrain.warmup_steps=0", f"run.log_every={args.window}", f"run.checkpoint_every={steps}",
+        f"run.val_every={steps}", f"resources.num_workers={workers}", "resources.cpus_per_worker=0.75",
+    ])
+
+
+def plain_loop(cfg, steps: int) -> dict:
+    """The training step of srplatform.train.loop without Ray, DDP or data loading."""
+    import torch
+    import torch.nn.functional as F
+
+    from srplatform.train.loop import build_stage_model, sample_queries, StageSpec
+    from srplatform.train.optim import EMA, build_optimizer, build_scheduler
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_stage_model(cfg, StageSpec(kind="pretrain", run_name="plain"))
+    opt = build_optimizer(model, cfg.pretrain)
+    sched = build_scheduler(opt, cfg.pretrain)
+    ema = EMA(model, cfg.pretrain.ema_decay)
+    gen = torch.Generator().manual_seed(0)
+    b, p = cfg.data.batch_size, cfg.data.patch
+    big = round(p * cfg.data.scale_max)
+    times = []
+    for i in range(steps + 3):
+        side = int(round(p * (1 + 3 * (i % 7) / 6)))  # a spread of scales, as the data has
+        lr = torch.rand(b, 3, p, p)
+        hr = torch.rand(b, 3, big, big)
+        t0 = time.perf_counter()
+        coords, cells, target = sample_queries(hr, torch.full((b,), side), p * p, gen)
+        loss = F.l1_loss(model.query(lr, coords, cells), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema.update(model)
+        if i >= 3:  # warm-up steps (allocator, first-call costs) are not timed
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    return {"run": "plain PyTorch (1 process, 1 thread)", "workers": 1, "step_s": step,
+            "images_per_s": b / step, "data_wait_frac": 0.0, "windows": len(times)}
+
+
+def ray_run(cfg, data, workers: int) -> dict:
+    from srplatform.tracking import Tracker
+    from srplatform.train.api import run_stage
+
+    events = []
+    t0 = time.perf_counter()
+    result = run_stage(cfg, kind="pretrain", data=data, tracker=Tracker(None),
+                       on_event=lambda ev: events.append(ev) if ev["kind"] == "train" else None)
+    wall = time.perf_counter() - t0
+    if not result.ok:
+        raise RuntimeError(result.error)
+    windows = events[1:] or events  # the first window holds start-up (data, DDP, threads)
+    ips = statistics.median(e["images_per_s"] for e in windows)
+    return {"run": f"Ray Train, {workers} worker(s)", "workers": workers,
+            "step_s": statistics.median(e["step_time_s"] for e in windows),
+            "images_per_s": ips,
+            "data_wait_frac": statistics.median(e["data_wait_frac"] for e in windows),
+            "windows": len(windows), "wall_s": wall}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    ap.add_argument("--src", default=str(REPO.parent / "shared" / "data" / "T91"),
+                    help="HR images to pack and stream (default ../shared/data/T91)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per Ray run (default 80, quick 24)")
+    ap.add_argument("--out", default=str(HERE / "results" / "train.json"))
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (24 if args.quick else 80)
+    args.window = 4 if args.quick else 8
+    if not Path(args.src).is_dir():
+        log(f"no images at {args.src}: pass --src")
+        return 2
+    home = tempfile.mkdtemp(prefix="c2d-bench-train-")
+    os.environ["C2D_HOME"] = home
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    from srplatform.train.api import prepare_data, ray_session
+
+    info = machine()
+    rows = []
+    cfg1 = base_config(args, "bench-w1", 1)
+    log("plain PyTorch loop ...")
+    rows.append(plain_loop(cfg1, max(10, args.steps // 2)))
+    with ray_session():
+        data = prepare_data(cfg1, say=log)
+        for workers in (1, 2):
+            log(f"Ray Train, {workers} worker(s) ...")
+            rows.append(ray_run(base_config(args, f"bench-w{workers}", workers), data, workers))
+    plain, w1, w2 = rows
+    ratios = {
+        "ray_1w_vs_plain": w1["images_per_s"] / plain["images_per_s"],
+        "ray_2w_vs_plain": w2["images_per_s"] / plain["images_per_s"],
+        "scaling_efficiency_2w": w2["images_per_s"] / (2 * w1["images_per_s"]),
+    }
+    lines = ["| run | images/s | step time (s) | data-wait | vs plain |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['images_per_s']:.1f} | {r['step_s']:.3f} | "
+                     f"{r['data_wait_frac']:.0%} | {r['images_per_s'] / plain['images_per_s']:.2f}x |")
+    lines += ["", f"Scaling efficiency 1 -> 2 workers: {ratios['scaling_efficiency_2w']:.2f} "
+              "(images/s of 2 workers / twice that of 1). "
+              f"Stage-1 steps, batch {cfg1.data.batch_size} per worker, LR patch {cfg1.data.patch}, "
+              f"{args.steps} steps per Ray run, median over report windows of {args.window} steps "
+              "after the first."]
+    out = {"table": "\n".join(lines), "rows": rows, "ratios": ratios, "machine": info,
+           "quick": args.quick, "steps": args.steps}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(out["table"])
+    log(f"wrote {args.out}")
+    import shutil
+
+    shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
