@@ -60,6 +60,47 @@ def _shared_set(name: str) -> Path | None:
     return None
 
 
+def extract_subimages(images: list[Path], dest: Path, *, crop: int = 192, step: int = 144,
+                      max_per_image: int = 12) -> list[Path]:
+    """Cut each image into overlapping crop x crop sub-images (what BasicSR's DIV2K preparation
+    does), so a handful of photographs still gives every training worker full batches: the
+    pipeline takes one random patch per stored image per epoch. Images smaller than `crop` are
+    kept whole. Idempotent: existing sub-images are reused; stale ones are removed."""
+    import numpy as np
+    from PIL import Image
+
+    def starts(length: int) -> list[int]:
+        if length <= crop:
+            return [0]
+        pos = list(range(0, length - crop + 1, step))
+        if pos[-1] != length - crop:
+            pos.append(length - crop)
+        return pos
+
+    dest.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for path in images:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            boxes = [(x, y) for y in starts(h) for x in starts(w)]
+            if len(boxes) > max_per_image:  # evenly spaced subset: big photos must not dominate
+                keep = np.linspace(0, len(boxes) - 1, max_per_image).round().astype(int)
+                boxes = [boxes[i] for i in sorted(set(keep.tolist()))]
+            for x, y in boxes:
+                out = dest / f"{path.stem}_{y:04d}_{x:04d}.png"
+                if not out.exists():
+                    tmp = out.with_suffix(".tmp.png")
+                    im.crop((x, y, min(w, x + crop), min(h, y + crop))).save(tmp)
+                    tmp.replace(out)
+                written.append(out)
+    keep_names = {p.name for p in written}
+    for stale in dest.glob("*.png"):
+        if stale.name not in keep_names:
+            stale.unlink()
+    return written
+
+
 def _demo_config(opts: DemoOptions, home: Path, train_dir: Path, val: str):
     from srplatform.config import load_config
 
@@ -94,8 +135,6 @@ def _pick_val(opts: DemoOptions, home: Path, images: list[Path]) -> tuple[str, l
 
 
 def run_demo(opts: DemoOptions) -> int:
-    import shutil
-
     from srplatform import report, stack
 
     steps = _Steps(8)
@@ -124,17 +163,10 @@ def run_demo(opts: DemoOptions) -> int:
         images = report.sample_images(home / "samples")
         print(f"  {len(images)} photographs bundled with scikit-image -> {home / 'samples'}")
     val, train_images = _pick_val(opts, home, images)
-    train_dir = out_dir / "train-images"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {p.name for p in train_images}
-    for p in train_dir.iterdir():
-        if p.name not in wanted:
-            p.unlink()
-    for p in train_images:
-        target = train_dir / p.name
-        if not target.exists():
-            shutil.copyfile(p, target)
-    print(f"  training on {len(train_images)} images; validating on {val}")
+    train_dir = out_dir / "train-subimages"
+    subs = extract_subimages(train_images, train_dir)
+    print(f"  training on {len(train_images)} images ({len(subs)} sub-images of up to 192x192); "
+          f"validating on {val}")
 
     cfg = _demo_config(opts, home, train_dir, val)
 
@@ -145,7 +177,8 @@ def run_demo(opts: DemoOptions) -> int:
     from srplatform.data.pipeline import hr_patch_max
 
     manifest = pack(str(train_dir), cfg.data.train, shard_size_mb=cfg.data.shard_size_mb,
-                    min_size=hr_patch_max(cfg.data.patch, cfg.data.scale_max), progress=True)
+                    min_size=hr_patch_max(cfg.data.patch, cfg.data.scale_max), progress=True,
+                    overwrite=True)  # the demo owns this folder: new inputs replace old shards
     timings["pack"] = time.time() - t
     run_info = manifest.get("run", {})
     print(f"  {manifest.get('samples')} samples in {len(manifest.get('shards', []))} shards at "
