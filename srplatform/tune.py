@@ -23,11 +23,13 @@ training API does not take Train callbacks, the trial follows the run's progress
 instead (`run_stage(on_event=...)`) and reports them with `ray.tune.report`: the same metrics at
 the same steps.
 
-Resources. A trial's own actor asks for no CPU: it only drives its TorchTrainer, whose workers
-and data tasks hold the CPUs. Concurrency is therefore bounded explicitly: at most
-floor(cluster CPUs / (num_workers x cpus_per_worker + data.num_cpus_per_task)) trials (and the
-same for GPUs) run at once, so every running trial has room for its workers and at least one
-data task; trials beyond that wait as PENDING instead of starving each other.
+Resources. A trial's own actor asks for a sliver of a CPU (TRIAL_DRIVER_CPU; Tune refuses an
+empty request): it only drives its TorchTrainer, whose workers and data tasks hold the CPUs. So
+Tune's own resource accounting would let every trial start at once; concurrency is bounded
+explicitly instead: at most floor(cluster CPUs / (num_workers x cpus_per_worker +
+data.num_cpus_per_task + TRIAL_DRIVER_CPU)) trials (likewise for GPUs) run at once, so every
+running trial has room for its workers and at least one data task, and trials beyond that wait
+as PENDING in Tune instead of starving each other's training workers.
 
 Early stopping: ASHA on the metric, with `step` (training steps) as its time axis, so a trial
 resumed from a checkpoint stays on the same rungs; the space file's grace period is in reports.
