@@ -318,11 +318,15 @@ def main(argv: list[str] | None = None) -> int:
                 # The same pipeline on a Ray started with its default worker settings: shows
                 # what RAY_SYSTEM_CONFIG is for (idle task workers killed and restarted).
                 start_ray({})
-                name = "Ray Data (num_cpus=0.25/task), Ray default worker settings"
+                name = ("Ray Data (num_cpus=0.25/task), Ray default worker settings, "
+                        "3 s pause before each run")
                 fn = functools.partial(ray_epoch, local, patch=patch, batch_size=bs,
                                        num_cpus=0.25, settings=None)
                 fn(epoch=0, epochs=epochs)
                 for r in range(repeats):
+                    # A consumer pause, as a training step slower than the data makes (and as
+                    # the other configurations' turns make in the alternating runs above).
+                    time.sleep(3)
                     t0 = time.perf_counter()
                     n = fn(epoch=1 + r * epochs, epochs=epochs)
                     dt = time.perf_counter() - t0

@@ -425,12 +425,12 @@ def pack(
     t0 = time.perf_counter()
     dest_u = storage.parse_uri(dest)
     dest = str(dest_u)
+    # Resolve S3 settings once (env, stack state), not once per object read.
+    settings = storage.resolve_settings(settings)
     if dest_u.scheme == "s3":
-        s = storage.resolve_settings(settings)
         if create_bucket:
-            storage.create_bucket(dest_u, s)
-        storage.check_bucket(dest_u, s)
-        settings = s
+            storage.create_bucket(dest_u, settings)
+        storage.check_bucket(dest_u, settings)
 
     sources = list_sources(src, settings)
     keys = assign_keys([s.rel for s in sources])

@@ -60,9 +60,10 @@ log = logging.getLogger(__name__)
 # about one idle worker process per CPU and kills the others after 1 s idle; with 0.25 CPU per
 # task there are up to 4 task workers per CPU, so every pause in the stream (a slow training
 # step, the next epoch) kills some, and each replacement pays the torch import again. Measured on
-# 2 CPUs: 0.25 CPU/task gave 18 pairs/s with Ray's defaults and 242 pairs/s with this setting
-# (benchmarks/data.py). Pass it as `ray.init(_system_config=RAY_SYSTEM_CONFIG)` or as the
-# environment variables `RAY_<name>=<value>` of `ray start` on every node.
+# 2 CPUs, 0.25 CPU/task, 6-epoch streams with 3 s pauses between them: 16-19 pairs/s with Ray's
+# defaults, 325-371 pairs/s with this setting. Pass it as
+# `ray.init(_system_config=RAY_SYSTEM_CONFIG)`, or as environment variables `RAY_<name>=<value>`
+# of `ray start` on every node.
 RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 
 # Extensions of members that can hold the sample's image, in order of preference.
