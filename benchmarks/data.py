@@ -9,14 +9,15 @@ What is compared (same run, same shards, same CPUs):
   all timed epochs chained in one dataset) on `ray.init(num_cpus=2,
   _system_config=RAY_SYSTEM_CONFIG)`, consumed with `iter_torch_batches` as a Ray Train worker
   would. Several `num_cpus` per task are measured (how many tasks share the 2 CPUs); the full
-  run adds 0.25 CPU/task on a Ray with default worker settings, to show what the setting does.
+  run adds 0.25 CPU/task on a Ray with default worker settings and a 3 s consumer pause before
+  each run (as a slower training step makes), to show what the setting does.
 - "DataLoader": webdataset's own `WebDataset` reader over the same shard URLs (s3:// opened
-  through the same pyarrow filesystem, registered as a webdataset URL scheme), the same
+  by a streaming boto3 GET per worker process, registered as a webdataset URL scheme), the same
   per-batch transform (`make_pairs`, one scale per batch), `torch.utils.data.DataLoader` with
   2 worker processes (persistent), batches of the same size.
 Each configuration first runs one untimed warm-up of the same length (worker start-up,
-imports), then the timed epochs; configurations alternate repeat by repeat so load changes on this shared machine hit
-all of them alike, and the median is reported.
+imports), then the timed epochs; configurations alternate repeat by repeat so load changes on
+this shared machine hit all of them alike, and the median is reported.
 - "resize": a batch of HR crops (float32, S x S) to p x p LR: `c2disr.ops.resize.imresize`
   (batched, one torch thread) vs PIL `Image.resize(..., BICUBIC)` per image on uint8 RGB and on
   float32 ("F", per channel) images.
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         if r["section"] == "resize":
             r["ratio_vs_pil_uint8"] = r["ms_per_image"] / pil
     table = [
-        f"Pairs: {n_img} images of {Path(args.src).name}, LR {patch}x{patch}, scale ~ U[1, 4] (HR up to "
+        f"Pairs: {n_img} images of {Path(args.src).name}, LR {patch}x{patch}, scale ~ U[1, 4] "
+        f"(HR up to "
         f"{int(round(patch * 4))}), batch {bs}, {epochs} epochs per measurement, median of "
         f"{repeats}; {len(m['shards'])} shards of ~{m['samples'] // len(m['shards'])} images; "
         "2 CPUs for either pipeline.",

@@ -548,7 +548,9 @@ def is_file(uri: str | URI, settings: S3Settings | Mapping[str, Any] | None = No
         return fs.get_file_info(path).type == pafs.FileType.File
 
 
-def stat(uri: str | URI, settings: S3Settings | Mapping[str, Any] | None = None) -> FileEntry | None:
+def stat(
+    uri: str | URI, settings: S3Settings | Mapping[str, Any] | None = None
+) -> FileEntry | None:
     """The `FileEntry` of one file/object, or None when there is no file at `uri`."""
     import pyarrow.fs as pafs
 

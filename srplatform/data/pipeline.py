@@ -319,7 +319,8 @@ def train_dataset(
     def one_epoch(ep: int) -> ray.data.Dataset:
         shuffle = None
         if shuffle_files:
-            shuffle = FileShuffleConfig(seed=int(block_seed(seed, ep, "files").generate_state(1)[0]))
+            file_seed = int(block_seed(seed, ep, "files").generate_state(1)[0])
+            shuffle = FileShuffleConfig(seed=file_seed)
         ds = ray.data.read_webdataset(
             paths,
             filesystem=fs,
