@@ -95,6 +95,10 @@ class FinetuneSection(OptimSection):
     scales: list[int] = field(default_factory=lambda: [2, 3, 4])
     steps: int = 1000
     lr: float = 1e-4
+    # How the fresh pixel-shuffle head starts: "lstsq" = ridge least-squares fit on the frozen
+    # stage-1 features of the first batch (starts near the continuous model's quality);
+    # "random" = PyTorch's default init (the plain recipe).
+    head_init: str = "lstsq"
 
 
 @dataclass(kw_only=True)
@@ -356,6 +360,8 @@ def validate(cfg: Config, *, source: str) -> None:
             bad(f"{name}.ema_decay", "must be in [0, 1)")
         if st.warmup_steps < 0 or st.warmup_steps > max(st.steps, 0):
             bad(f"{name}.warmup_steps", f"must be in [0, steps], got {st.warmup_steps}")
+    if cfg.finetune.head_init not in ("lstsq", "random"):
+        bad("finetune.head_init", f"must be lstsq or random, got {cfg.finetune.head_init!r}")
     if not cfg.finetune.scales or any(s not in (2, 3, 4) for s in cfg.finetune.scales):
         bad("finetune.scales", f"must be a non-empty subset of [2, 3, 4], got {cfg.finetune.scales}")
     if len(set(cfg.finetune.scales)) != len(cfg.finetune.scales):

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from c2disr.models.common import DIV2K_RGB_MEAN
 from c2disr.models.heads import (
@@ -357,3 +358,34 @@ def load_published(model: SRModel, path, *, backbone_only: bool = False) -> SRMo
     from c2disr.models.checkpoints import load_published as _load
 
     return _load(model, path, backbone_only=backbone_only)
+
+
+@torch.no_grad()
+def fit_discrete_head(model: SRModel, lr: torch.Tensor, hr: torch.Tensor, *, ridge: float = 1e-3) -> float:
+    """Set a discrete model's pixel-shuffle head to the ridge least-squares fit on `(lr, hr)`.
+
+    The head is one 3x3 convolution followed by PixelShuffle, i.e. linear in the backbone
+    features, so with the backbone fixed its best weights have a closed form. C2D-ISR's stage 2
+    starts from a well-trained backbone and a fresh head: a random head first spends many steps
+    undoing its own noise (and drags the backbone with it), while the fitted one starts close
+    to the continuous model's quality. `lr (B,3,h,w)`, `hr (B,3,h*s,w*s)`, float [0,1] RGB;
+    `ridge` is relative to the mean feature energy. Returns the fit's L1 error on the batch.
+    """
+    if model.continuous:
+        raise ValueError("fit_discrete_head needs a discrete model (see to_discrete)")
+    s = model.head.scale
+    if hr.shape[-2:] != (lr.shape[-2] * s, lr.shape[-1] * s):
+        raise ValueError(f"hr {tuple(hr.shape[-2:])} is not x{s} of lr {tuple(lr.shape[-2:])}")
+    conv = model.head.upsample[0]
+    feats = model.features(lr).to(torch.float64)  # (B, C, h, w)
+    cols = F.unfold(feats, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major like conv
+    x = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N, C*9)
+    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    target = F.pixel_unshuffle(hr.to(torch.float64) - model.rgb_mean.to(torch.float64), s)
+    y = target.flatten(2).transpose(1, 2).reshape(-1, target.shape[1])  # (N, 3*s*s)
+    gram = x.T @ x
+    reg = ridge * gram.diagonal().mean()
+    sol = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ y)
+    conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
+    conv.bias.copy_(sol[-1].to(conv.bias.dtype))
+    return float((model(lr) - hr).abs().mean())

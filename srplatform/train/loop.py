@@ -31,6 +31,7 @@ Checkpoints (a directory per report, `checkpoint_<step>`):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -439,6 +440,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = load_state(d, map_location=device)
         model.load_state_dict(state["model"], strict=True)
+    shard = ray.train.get_dataset_shard("train")
+    passes = 0
+
+    def batches():
+        nonlocal passes
+        while True:
+            got = False
+            for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
+                                                  prefetch_batches=2):
+                got = True
+                yield batch
+            passes += 1
+            if not got:
+                raise RuntimeError(
+                    f"{stage.run_name}: the training data gave no complete batch of "
+                    f"{cfg.data.batch_size} per worker; use more images or a smaller "
+                    "data.batch_size / resources.num_workers")
+            if passes == 1:
+                progress.send("warning", message="training data exhausted before the step budget: "
+                              "iterating it again (the same crops repeat)")
+
+    stream = batches()
+
+    # Stage 2 from scratch: fit the fresh pixel-shuffle head in closed form on this worker's
+    # first batch (DDP then broadcasts rank 0's weights); the batch is trained on as usual.
+    if state is None and stage.kind == "finetune" and cfg.finetune.head_init == "lstsq":
+        from c2disr.models import fit_discrete_head
+
+        first = next(stream)
+        s_ = int(stage.scale)
+        side = cfg.data.patch * s_
+        err = fit_discrete_head(model, first["lr"].to(device), first["hr"][..., :side, :side].to(device))
+        if rank == 0:
+            say(f"head fitted by least squares on the first batch (L1 {err:.4f})")
+        stream = itertools.chain([first], stream)
     # The average starts from the weights training continues from.
     ema = EMA(model, section.ema_decay) if section.ema_decay > 0 else None
     if state is not None:
@@ -470,28 +506,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     use_bf16 = bool(cfg.run.bf16 and device.type == "cuda")
     q = cfg.data.patch * cfg.data.patch
-    shard = ray.train.get_dataset_shard("train")
-    passes = 0
-
-    def batches():
-        nonlocal passes
-        while True:
-            got = False
-            for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True,
-                                                  prefetch_batches=2):
-                got = True
-                yield batch
-            passes += 1
-            if not got:
-                raise RuntimeError(
-                    f"{stage.run_name}: the training data gave no complete batch of "
-                    f"{cfg.data.batch_size} per worker; use more images or a smaller "
-                    "data.batch_size / resources.num_workers")
-            if passes == 1:
-                progress.send("warning", message="training data exhausted before the step budget: "
-                              "iterating it again (the same crops repeat)")
-
-    stream = batches()
     latest_val: dict[str, float] = {}
 
     def evaluate_now(at_step: int) -> dict[str, float]:
