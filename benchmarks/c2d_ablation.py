@@ -8,9 +8,10 @@ platform (`srplatform.train.api.run_stage`, Ray Train):
 - "discrete only": a fresh x4 model (pixel-shuffle head) trained 2N steps;
 - "C2D": N steps of continuous-scale pretraining (implicit head, scales in [1, 4]), then the
   backbone with a fresh x4 head fine-tuned N steps.
-The discrete-only arm trains from scratch, so it uses the from-scratch settings of stage 1 (lr,
-warm-up) for its 2N discrete steps; the C2D arm's fine-tuning uses the config's stage-2
-settings. Both keep EMA weights and are evaluated with them.
+Both arms' discrete stages use the same optimiser settings, those of stage 1 in the tiny config
+(Adam, lr, warm-up, cosine, EMA): the pixel-shuffle head is freshly initialised in both, and a
+lower fine-tuning lr for one arm only would confound the comparison. Both are evaluated with
+their EMA weights.
 
 Evaluation: x4 PSNR/SSIM (Y, border 4, uint8 rounding: `c2disr.evaluate.evaluate_folder`) on
 Set14 (held out: no arm validates on it) and Set5, with bicubic as the reference. The wall-clock
@@ -107,17 +108,16 @@ def main(argv=None) -> int:
         fresh = Path(home) / "fresh_continuous.pt"
         save_model(fresh, build_stage_model(base, StageSpec(kind="pretrain", run_name="fresh")))
         p = base.pretrain
-        cfg_a = config(args, "abl-discrete", [
-            f"finetune.steps={2 * n}", f"finetune.lr={p.lr}", f"finetune.warmup_steps={p.warmup_steps}",
-            f"finetune.schedule={p.schedule}", f"finetune.ema_decay={p.ema_decay}"])
+        same_optim = [f"finetune.lr={p.lr}", f"finetune.warmup_steps={p.warmup_steps}",
+                      f"finetune.schedule={p.schedule}", f"finetune.ema_decay={p.ema_decay}"]
+        cfg_a = config(args, "abl-discrete", [f"finetune.steps={2 * n}", *same_optim])
         log(f"arm A: discrete only, {2 * n} steps ...")
         t0 = time.perf_counter()
         a = run_stage(cfg_a, kind="finetune", scale=4, init_from=str(fresh), data=data, tracker=quiet)
         time_a = time.perf_counter() - t0
 
         # Arm B: N continuous steps, then N discrete x4 steps from that backbone.
-        cfg_b = config(args, "abl-c2d", [f"pretrain.steps={n}", f"finetune.steps={n}",
-                                         f"pretrain.warmup_steps={min(p.warmup_steps, n)}"])
+        cfg_b = config(args, "abl-c2d", [f"pretrain.steps={n}", f"finetune.steps={n}", *same_optim])
         log(f"arm B: continuous {n} + discrete {n} steps ...")
         t0 = time.perf_counter()
         pre = run_stage(cfg_b, kind="pretrain", data=data, tracker=quiet)
@@ -148,8 +148,9 @@ def main(argv=None) -> int:
                      + (f"{r['seconds']:.0f}s |" if r["seconds"] else "- |"))
     lines += ["", f"C2D minus discrete-only: {delta14:+.2f} dB on Set14, {delta5:+.2f} dB on Set5 "
               f"(tiny C2D SwinIR-L, T91, N = {n}, batch {base.data.batch_size} x "
-              f"{base.resources.num_workers} workers, LR patch {base.data.patch}, EMA weights, seed "
-              f"{args.seed}; wall time includes each run's start-up)."]
+              f"{base.resources.num_workers} workers, LR patch {base.data.patch}, Adam lr {p.lr} "
+              f"cosine for every stage, EMA weights, seed {args.seed}; wall time includes each "
+              "run's start-up)."]
     out = {"table": "\n".join(lines), "rows": rows, "delta_psnr_set14": delta14,
            "delta_psnr_set5": delta5, "steps_n": n, "quick": args.quick, "seed": args.seed,
            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load:.1f} at start, "

@@ -16,6 +16,10 @@ Adam, EMA; the tiny job's patch and batch size):
 Reported ratios: Ray 1 worker / plain (platform overhead), scaling efficiency
 ips(2) / (2 * ips(1)), and each run's data-wait fraction.
 
+The machine may be shared: the configurations alternate (plain, 1 worker, 2 workers, plain, ...)
+for `--repeats` rounds so that load changes hit all of them, and the median over rounds is
+reported, with the load average at start and end.
+
 Writes benchmarks/results/train.json ({"table": Markdown, "rows": [...], "machine": ...}).
 """
 
@@ -95,6 +99,17 @@ def plain_loop(cfg, steps: int) -> dict:
             "images_per_s": b / step, "data_wait_frac": 0.0, "windows": len(times)}
 
 
+def median_rows(rows: list[dict]) -> dict:
+    """One row from repeated measurements of a configuration: medians of its numbers."""
+    out = dict(rows[0])
+    for key in ("step_s", "images_per_s", "data_wait_frac", "wall_s"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in rows)
+    out["repeats"] = len(rows)
+    out["images_per_s_each"] = [r["images_per_s"] for r in rows]
+    return out
+
+
 def ray_run(cfg, data, workers: int) -> dict:
     from srplatform.tracking import Tracker
     from srplatform.train.api import run_stage
@@ -121,8 +136,10 @@ def main(argv=None) -> int:
     ap.add_argument("--src", default=str(REPO.parent / "shared" / "data" / "T91"),
                     help="HR images to pack and stream (default ../shared/data/T91)")
     ap.add_argument("--steps", type=int, default=None, help="steps per Ray run (default 80, quick 24)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 2, quick 1)")
     ap.add_argument("--out", default=str(HERE / "results" / "train.json"))
     args = ap.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 2)
     args.steps = args.steps or (24 if args.quick else 80)
     args.window = 4 if args.quick else 8
     if not Path(args.src).is_dir():
@@ -135,15 +152,19 @@ def main(argv=None) -> int:
     from srplatform.train.api import prepare_data, ray_session
 
     info = machine()
-    rows = []
     cfg1 = base_config(args, "bench-w1", 1)
-    log("plain PyTorch loop ...")
-    rows.append(plain_loop(cfg1, max(10, args.steps // 2)))
+    measured: dict[str, list[dict]] = {"plain": [], "w1": [], "w2": []}
     with ray_session():
         data = prepare_data(cfg1, say=log)
-        for workers in (1, 2):
-            log(f"Ray Train, {workers} worker(s) ...")
-            rows.append(ray_run(base_config(args, f"bench-w{workers}", workers), data, workers))
+        for rnd in range(args.repeats):
+            log(f"round {rnd + 1}/{args.repeats}: plain PyTorch loop ...")
+            measured["plain"].append(plain_loop(cfg1, args.steps))
+            for workers in (1, 2):
+                log(f"round {rnd + 1}/{args.repeats}: Ray Train, {workers} worker(s) ...")
+                cfg = base_config(args, f"bench-w{workers}-r{rnd}", workers)
+                measured[f"w{workers}"].append(ray_run(cfg, data, workers))
+    rows = [median_rows(measured[k]) for k in ("plain", "w1", "w2")]
+    info += f"; load average {os.getloadavg()[0]:.1f} at end"
     plain, w1, w2 = rows
     ratios = {
         "ray_1w_vs_plain": w1["images_per_s"] / plain["images_per_s"],
@@ -157,10 +178,10 @@ def main(argv=None) -> int:
     lines += ["", f"Scaling efficiency 1 -> 2 workers: {ratios['scaling_efficiency_2w']:.2f} "
               "(images/s of 2 workers / twice that of 1). "
               f"Stage-1 steps, batch {cfg1.data.batch_size} per worker, LR patch {cfg1.data.patch}, "
-              f"{args.steps} steps per Ray run, median over report windows of {args.window} steps "
-              "after the first."]
+              f"{args.steps} steps per run, median over report windows of {args.window} steps "
+              f"after the first, median of {args.repeats} alternating round(s)."]
     out = {"table": "\n".join(lines), "rows": rows, "ratios": ratios, "machine": info,
-           "quick": args.quick, "steps": args.steps}
+           "quick": args.quick, "steps": args.steps, "repeats": args.repeats}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(out["table"])

@@ -171,6 +171,7 @@ def test_pipeline_tracks_parent_children_metrics_and_artifacts(ray_local, tmp_pa
     for s, r in result.finetune.items():
         assert Path(r.model_path).is_file() and f"finetune-x{s}" in r.checkpoint_uri
         assert r.metrics[f"val_x{s}_psnr"] > 0
+        assert r.registered_model.startswith(f"c2disr-swinir_l-c2d-x{s}:"), r.registered_model
 
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(result.mlflow_run_id)

@@ -80,6 +80,8 @@ class StageResult:
         a local path for file:// storage, else its s3:// URI.
     metrics: final validation metrics (val_x{s}_psnr / _ssim, with _ema for the EMA weights)
         and the last training loss.
+    registered_model: a fine-tuned stage's model version in the MLflow registry,
+        "c2disr-<arch>-<variant>-x<scale>:<version>" (`srplatform.registry.ensure_registered`).
     """
 
     name: str
@@ -488,7 +490,7 @@ def _local_copy(uri: str, tmp: str, name: str) -> Path:
 
 
 def _log_final(tracker, run_id: str | None, result: StageResult, cfg: Config, data: DataRef,
-               parent_run_id: str | None = None) -> None:
+               parent_run_id: str | None = None, register: bool = True) -> None:
     """Weights as artifacts; a fine-tuned model also as an MLflow model, registered as a new
     version (alias `candidate`) of `c2disr-<arch>-<variant>-x<scale>`."""
     if not run_id or not tracker.available:
@@ -528,7 +530,7 @@ def _log_final(tracker, run_id: str | None, result: StageResult, cfg: Config, da
                     **{f"c2disr_{k}": v for k, v in result.metrics.items()}}
             return log_sr_model(model, name="model", input_example=example, metadata=meta)
 
-        if tracker.in_run(run_id, "log model", log_model) is None:
+        if tracker.in_run(run_id, "log model", log_model) is None or not register:
             return
 
         def register():
@@ -552,14 +554,18 @@ def _log_final(tracker, run_id: str | None, result: StageResult, cfg: Config, da
 def run_stage(cfg: Config, *, kind: str, scale: int | None = None, init_from: str | None = None,
               data: DataRef | None = None, tracker=None, parent_run_id: str | None = None,
               printer=None, on_event: Callable[[dict], None] | None = None,
-              extra_tags: dict[str, Any] | None = None) -> StageResult:
+              extra_tags: dict[str, Any] | None = None, callbacks: list | None = None,
+              register: bool = True) -> StageResult:
     """Run one training stage to completion (or resume it) and return its result.
 
     kind: "pretrain" (continuous head) or "finetune" (discrete at `scale`, from the model file
     `init_from`: a path, file:// or s3:// URI). `data`, `tracker`, `printer`: shared by the
     pipeline; made here when None. `on_event`: called on the driver with every progress event
     of this run (dicts with "kind": start/train/val/checkpoint/end, "step", metrics), e.g. for a
-    Ray Tune trial. Raises on failure (the MLflow run is marked FAILED).
+    Ray Tune trial. `callbacks`: Ray Train `UserCallback`s for the run's RunConfig (they see
+    every `ray.train.report`: each validation and each checkpoint step). `register`: register a
+    fine-tuned model in the MLflow registry (default). Raises on failure (the MLflow run is
+    marked FAILED).
     """
     if kind not in ("pretrain", "finetune"):
         raise ValueError(f"unknown stage kind {kind!r}")
@@ -569,12 +575,13 @@ def run_stage(cfg: Config, *, kind: str, scale: int | None = None, init_from: st
         tracker = tracker or make_tracker(cfg)
         return _run_stage(cfg, kind=kind, scale=scale, init_from=init_from, data=data,
                           tracker=tracker, parent_run_id=parent_run_id, printer=pr,
-                          extra_tags=extra_tags or {})
+                          extra_tags=extra_tags or {}, callbacks=callbacks, register=register)
 
 
 def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | None,
                data: DataRef | None, tracker, parent_run_id: str | None, printer,
-               extra_tags: dict[str, Any]) -> StageResult:
+               extra_tags: dict[str, Any], callbacks: list | None = None,
+               register: bool = True) -> StageResult:
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -667,6 +674,7 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
             name=key, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": configure_http(dict(os.environ))},
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets={"train": ds},
@@ -694,7 +702,7 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
                       mlflow_run_id=run_id, steps=int(meta.get("step", section.steps)),
                       seconds=time.time() - t_start,
                       resumed_from=list(printer.resumes.get(label, [])))
-    _log_final(tracker, run_id, out, cfg, data, parent_run_id)
+    _log_final(tracker, run_id, out, cfg, data, parent_run_id, register)
     tracker.end_run(run_id, "FINISHED")
     _write_json(storage.join(stage_uri, RESULT_FILE), out.to_dict())
     return out

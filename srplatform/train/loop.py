@@ -17,7 +17,8 @@ queries cost the same for every scale, stack into one `(B, Q, 2)` call whatever 
 are the published recipe of the head we build.
 
 Rank discipline (STYLE.md 10): every rank runs the same schedule of collectives and
-`ray.train.report` calls, decided only by the step count; rank 0 alone writes checkpoints,
+`ray.train.report` calls (one per checkpoint or validation step), decided only by the step
+count; rank 0 alone writes checkpoints,
 talks to MLflow and sends progress to the driver; validation metrics are all-reduced first.
 
 Checkpoints (a directory per report, `checkpoint_<step>`):
@@ -638,6 +639,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             latest_val = evaluate_now(step)
         if do_ckpt:
             checkpoint_now(step, last_epoch, latest_val if do_val else {})
+        elif do_val:
+            # Validation results are reported too (no checkpoint), so Train callbacks such as
+            # Tune's see every evaluation; all ranks take this branch at the same steps.
+            ray.train.report({"step": step, "epoch": last_epoch, **latest_val}, checkpoint=None)
         if do_val or do_ckpt:
             t_window = time.perf_counter()  # validation/checkpoint time is not training speed
 
