@@ -123,6 +123,7 @@ class TuneResult:
     plot_path: str | None = None
     mlflow_run_id: str | None = None
     interrupted: bool = False
+    error: str | None = None  # why the search stopped early, when it crashed (state is kept)
     resumed: bool = False
     max_concurrent: int = 1
     seconds: float = 0.0
@@ -511,23 +512,26 @@ def _trial_error(trial) -> str | None:
         err = trial.get_error()
     except Exception:  # noqa: BLE001 - an unreadable error file
         err = None
-    if err is None:
-        return None
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return None if err is None else error_summary(str(err), type(err).__name__)
+
+
+def error_summary(text: str, default: str = "error") -> str:
+    """One line for a traceback: `TrialRejected: why` for a rejected trial, else the last
+    `SomeError: message` line (with its next line when the message continues there, as in
+    Ray's "Training failed due to controller error:" + the reason)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for line in lines:
         if "TrialRejected:" in line:
             return "TrialRejected: " + line.split("TrialRejected:", 1)[1].strip()
-    # The last "SomeError: message" line of the traceback, with its next line when the message
-    # continues there (Ray's "Training failed due to controller error:" + the reason).
     pattern = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\w*:")
-    hits = [i for i, ln in enumerate(lines) if pattern.match(ln)]
+    hits = [i for i, ln in enumerate(lines) if pattern.match(ln) and not ln.endswith("(most recent call last):")]
     if hits:
         i = hits[-1]
         msg = lines[i]
         if msg.endswith(":") and i + 1 < len(lines):
             msg += " " + lines[i + 1]
         return msg
-    return lines[-1] if lines else type(err).__name__
+    return lines[-1] if lines else default
 
 
 def pareto_front(points: Sequence[tuple[str, float, float]]) -> set[str]:
@@ -819,8 +823,18 @@ def run_tune(cfg: Config, space_path: str | Path, *, name: str | None = None,
             )
         _SESSION_CALLBACKS[:] = list(callbacks or [])
         t_fit = time.time()
+        crashed: str | None = None
         try:
             grid = tuner.fit()
+        except Exception as exc:  # noqa: BLE001 - e.g. a trial actor killed for memory
+            # Tune saves the experiment as it goes: report what is done and how to go on.
+            crashed = error_summary(f"{type(exc).__name__}: {exc}", type(exc).__name__)[:500]
+            say(f"[{name}] the search stopped with an error ({crashed}); its state is saved: "
+                "run the same command again (same --name) to resume it")
+            try:
+                grid = tune.Tuner.restore(exp_path, trainable).get_results()
+            except Exception:  # noqa: BLE001 - nothing saved yet: the original error is the news
+                raise exc from None
         finally:
             _SESSION_CALLBACKS.clear()
         fit_s = time.time() - t_fit
@@ -831,7 +845,8 @@ def run_tune(cfg: Config, space_path: str | Path, *, name: str | None = None,
         # the time budget being spent (the generator creates trials only as slots free up).
         budget_spent = (space.search.time_budget_s is not None
                         and fit_s >= 0.97 * space.search.time_budget_s)
-        interrupted = (any(r.status in ("pending", "running") for r in records)
+        interrupted = (crashed is not None
+                       or any(r.status in ("pending", "running") for r in records)
                        or (len(records) < space.planned_trials() and not budget_spent))
         _mark_pareto(records)
         best = _best(records)
@@ -872,7 +887,8 @@ def run_tune(cfg: Config, space_path: str | Path, *, name: str | None = None,
     result = TuneResult(name=name, path=str(folder), metric=space.search.metric,
                         algo=space.search.algo, trials=records, best=best,
                         best_config_path=best_path, plot_path=str(plot) if plot else None,
-                        mlflow_run_id=parent.run_id, interrupted=interrupted, resumed=resumed,
+                        mlflow_run_id=parent.run_id, interrupted=interrupted, error=crashed,
+                        resumed=resumed,
                         max_concurrent=conc, seconds=time.time() - t0)
     return result
 

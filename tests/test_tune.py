@@ -104,6 +104,20 @@ def test_table_plot_and_best_config(tmp_path):
     assert "c2d pipeline --config" in path.read_text()
 
 
+def test_error_summary_picks_the_informative_line():
+    from srplatform.tune import error_summary
+
+    ray_text = ("Failure # 1\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                "ray.train.ControllerError: Training failed due to controller error:\n"
+                "2 worker(s) were killed due to the node running low on memory.\nObject store: ...\n")
+    assert error_summary(ray_text) == ("ray.train.ControllerError: Training failed due to controller "
+                                       "error: 2 worker(s) were killed due to the node running low on memory.")
+    rejected = "Traceback ...\nsrplatform.tune.TrialRejected: 75.00 G MACs exceeds the budget of 30 G\n"
+    assert error_summary(rejected) == "TrialRejected: 75.00 G MACs exceeds the budget of 30 G"
+    assert error_summary("TuneError: Traceback (most recent call last):\nRuntimeError: boom") == "RuntimeError: boom"
+    assert error_summary("", "KeyError") == "KeyError"
+
+
 def test_optuna_samples_our_labels_and_finds_the_pareto_front(tmp_path):
     """OptunaSearch (TPE) over the encoded categories, driven without a cluster: suggest,
     decode into config values, report two objectives, read back the non-dominated trials."""

@@ -105,7 +105,8 @@ def run(args):
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
     if result.interrupted:
-        print(f"the search was interrupted; run the same command again (--name {result.name}) to resume it",
+        why = f"stopped by an error ({result.error})" if result.error else "interrupted"
+        print(f"the search was {why}; run the same command again (--name {result.name}) to resume it",
               file=sys.stderr)
-        return 130
+        return 1 if result.error else 130
     return 0 if result.best is not None else 1
