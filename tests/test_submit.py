@@ -552,3 +552,48 @@ def test_a_missing_auth_token_is_explained(ray_head):
                env={"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": ""})
     assert res.returncode == 2
     assert "RAY_AUTH_MODE=token" in res.stderr
+
+
+@pytest.mark.slow
+def test_submitted_tiny_pipeline_trains_tracks_and_registers(ray_head, mlflow_uri, shared_data, tmp_path):
+    """The issue's end-to-end check: `c2d submit pipeline` to a real local head, followed to
+    SUCCEEDED; its MLflow parent and child runs exist and its fine-tuned model is registered."""
+    import mlflow
+    import yaml
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((shared_data / "T91").glob("*.png"))[:16]:
+        shutil.copy(path, images / path.name)
+    name = f"submitted-{secrets.token_hex(3)}"
+    cfg = yaml.safe_load((ROOT / "jobs/configs/tiny.yaml").read_text())
+    cfg.update(name=name, storage=(tmp_path / "runs").as_uri())
+    cfg["data"].update(source=str(images), train=(tmp_path / "shards").as_uri(),
+                       val=str(shared_data / "Set5"), val_max_images=1, batch_size=2)
+    cfg["pretrain"].update(steps=4, warmup_steps=0)
+    cfg["finetune"].update(steps=2, scales=[2])
+    cfg["resources"].update(num_workers=1, cpus_per_worker=0.25)
+    cfg["run"].update(checkpoint_every=2, val_every=4, log_every=2)
+    config = tmp_path / "submitted.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    sid = sub.make_submission_id("pipeline")
+    res = _c2d("submit", "pipeline", "--config", str(config), "--address", ray_head.address,
+               "--submission-id", sid, "--follow",
+               env={**ray_head.auth_env, "MLFLOW_TRACKING_URI": mlflow_uri}, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert f"{sid}: SUCCEEDED" in res.stderr
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name(cfg["tracking"]["experiment"] if "tracking" in cfg else "c2disr")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`c2d.name` = '{name}'")
+    parents = [r for r in runs if r.data.tags.get("c2d.kind") == "pipeline"]
+    assert len(parents) == 1, [r.data.tags for r in runs]
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len(children) == 2, "one child for the pretrain stage and one for x2"
+    child_ids = {r.info.run_id for r in children}
+    versions = client.search_model_versions("name = 'c2disr-swinir_l-c2d-x2'")
+    mine = [mv for mv in versions if mv.run_id in child_ids]
+    assert len(mine) == 1, "the submitted pipeline's x2 model is a registered version"
+    assert mine[0].tags.get("parent_run_id") == parents[0].info.run_id
