@@ -36,6 +36,18 @@ def configure(parser):
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     lst = sub.add_parser("list", help="architectures, variants, flavors and heads in the registry")
     lst.add_argument("--json", action="store_true", help="print JSON")
+    imp = sub.add_parser(
+        "import", help="convert an official checkpoint into a c2disr model file",
+        description="Load an official light-model checkpoint (SwinIR-S, SRFormer-light, MambaIRv2-light, "
+                    "HiT-SR; keys under `params_ema` or `params`) with a strict key mapping and "
+                    "weights_only=True, and save it as a c2disr model file that `c2d eval`, `c2d upscale` "
+                    "and `c2d finetune --from` accept.\n\n  c2d model import --arch mambairv2_l --scale 2 "
+                    "mambairv2_lightSR_x2.pth mambairv2_x2.pt\n  c2d eval --model mambairv2_x2.pt --data Set5 --scales 2")
+    imp.add_argument("checkpoint", help="the official .pth file")
+    imp.add_argument("output", help="where to write the c2disr model file (.pt)")
+    imp.add_argument("--arch", required=True, help="architecture (see `c2d model list`)")
+    imp.add_argument("--variant", default="plain", help="plain (SwinIR/SRFormer/MambaIRv2) | hit (HiT-SR)")
+    imp.add_argument("--scale", type=int, required=True, help="the checkpoint's scale (2, 3 or 4)")
 
 
 def parse_sets(items: list[str]) -> tuple[dict, dict]:
@@ -128,8 +140,10 @@ def run(args):
             print("flavors:       " + ", ".join(listing["flavors"]) + "   (light = published size; tiny = tests/CPU)")
             print("heads:         " + ", ".join(listing["heads"]) + "   (discrete = pixelshuffledirect; continuous = HIIF-L)")
         return 0
+    if args.model_command == "import":
+        return _import(args)
     if args.model_command != "info":
-        raise UserError("choose a subcommand: `c2d model info ...` or `c2d model list`")
+        raise UserError("choose a subcommand: `c2d model info ...`, `c2d model list` or `c2d model import ...`")
     result = info(args)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -146,4 +160,24 @@ def run(args):
     h, w = result["lr_hw"]
     oh, ow = result["out_hw"]
     print(f"MACs:   {result['macs'] / 1e9:.2f} G  (one forward, LR {w}x{h} -> {ow}x{oh})")
+    return 0
+
+
+def _import(args) -> int:
+    from pathlib import Path
+
+    from c2disr.evaluate import save_model
+    from c2disr.models import build_model
+    from c2disr.models.checkpoints import load_published
+
+    src = Path(args.checkpoint)
+    if not src.is_file():
+        raise UserError(f"{src}: no such checkpoint file")
+    model = build_model(args.arch, variant=args.variant, flavor="light", head="discrete", scale=args.scale)
+    try:
+        load_published(model, src)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{src} does not match {args.arch} ({args.variant}) x{args.scale}: {exc}") from None
+    out = save_model(args.output, model)
+    print(f"{src} -> {out}  ({sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0
