@@ -16,12 +16,10 @@ steps already separate good from bad settings by fractions of a dB instead of me
 fast a randomly initialised pixel-shuffle head leaves 10 dB. `trial.stage: finetune` instead
 fine-tunes the model file `trial.init_from` at the scale (learning-rate style searches only).
 
-Metrics reach Tune through Ray Train's Tune integration: a `TuneReportCallback` in the trial's
-Train RunConfig forwards every `ray.train.report` of rank 0 (one per `trial.report_every` steps,
-each with the validation metrics), with `val_psnr`, `macs_g` and `params` added. When the
-training API does not take Train callbacks, the trial follows the run's progress events
-instead (`run_stage(on_event=...)`) and reports them with `ray.tune.report`: the same metrics at
-the same steps.
+Metrics reach Tune through Ray Train's Tune integration: a `TuneReportCallback` (subclassed to
+add `val_psnr`, `macs_g` and `params`) in the trial's Train RunConfig (`run_stage(callbacks=...)`)
+forwards every `ray.train.report` of rank 0 to the trial: one per `trial.report_every` steps,
+each with the validation metrics.
 
 Resources. A trial's own actor asks for a sliver of a CPU (TRIAL_DRIVER_CPU; Tune refuses an
 empty request): it only drives its TorchTrainer, whose workers and data tasks hold the CPUs. So
@@ -280,15 +278,6 @@ def _define_c2d_tune_report():
     return C2DTuneReport
 
 
-def _takes(fn: Callable, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def trial_main(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune trainable: one training run of the job config with `config`'s sampled values."""
     from ray import tune
@@ -317,20 +306,11 @@ def trial_main(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         init_from=space.trial.init_from or None, data=DataRef(**ctx["data"]),
         parent_run_id=ctx["parent_run_id"],
         extra_tags={"c2d.tune": ctx["name"], "c2d.trial_id": trial_id})
-    reported = {"n": 0}
-    if _takes(run_stage, "callbacks"):
-        kwargs["callbacks"] = [_lazy("C2DTuneReport")(scale, static)]
-    else:
-        def on_event(ev: dict[str, Any]) -> None:
-            if ev.get("kind") == "val":
-                metrics = dict(ev.get("metrics") or {})
-                tune.report({"step": int(ev["step"]), **metrics, **_aliases(metrics, scale), **static})
-                reported["n"] += 1
-
-        kwargs["on_event"] = on_event
-    result = run_stage(cfg, **kwargs)
-    if result.skipped and reported["n"] == 0:
-        # The run had finished before the search was interrupted: report its final metrics once.
+    result = run_stage(cfg, **kwargs, callbacks=[_lazy("C2DTuneReport")(scale, static)],
+                       register=False)  # a trial's model is not a registry candidate
+    if result.skipped:
+        # The run had finished before the search was interrupted, so nothing was reported in
+        # this session: report its final metrics once.
         tune.report({"step": int(result.steps), **result.metrics,
                      **_aliases(result.metrics, scale), **static})
 
