@@ -110,7 +110,10 @@ def main(argv=None) -> int:
         p = base.pretrain
         same_optim = [f"finetune.lr={p.lr}", f"finetune.warmup_steps={p.warmup_steps}",
                       f"finetune.schedule={p.schedule}", f"finetune.ema_decay={p.ema_decay}"]
-        cfg_a = config(args, "abl-discrete", [f"finetune.steps={2 * n}", *same_optim])
+        # From scratch every parameter is new: no higher head lr for arm A (when the config
+        # has that knob; arm B keeps the config's fine-tuning value).
+        scratch = ["finetune.head_lr_mult=1.0"] if hasattr(base.finetune, "head_lr_mult") else []
+        cfg_a = config(args, "abl-discrete", [f"finetune.steps={2 * n}", *same_optim, *scratch])
         log(f"arm A: discrete only, {2 * n} steps ...")
         t0 = time.perf_counter()
         a = run_stage(cfg_a, kind="finetune", scale=4, init_from=str(fresh), data=data, tracker=quiet)

@@ -79,6 +79,28 @@ def test_build_optimizer_choice_and_decay(tiny_model):
     assert isinstance(optim.build_optimizer(tiny_model, load_config(None).pretrain), torch.optim.Adam)
 
 
+def test_head_lr_multiplier_groups(tiny_model):
+    from c2disr.models import to_discrete
+
+    model = to_discrete(tiny_model, 2)
+    cfg = load_config(None, ["finetune.lr=1e-4"])
+    opt = optim.build_optimizer(model, cfg.finetune, head_lr_mult=10.0)
+    groups = {g["group"]: g for g in opt.param_groups}
+    assert set(groups) == {"decay", "no_decay", "head_decay", "head_no_decay"}
+    assert groups["head_decay"]["lr"] == pytest.approx(1e-3) and groups["decay"]["lr"] == 1e-4
+    assert all(n.startswith("head.") for n in groups["head_decay"]["names"] + groups["head_no_decay"]["names"])
+    assert not any(n.startswith("head.") for n in groups["decay"]["names"] + groups["no_decay"]["names"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    # The schedule scales every group by the same factor, keeping the ratio.
+    sched = optim.build_scheduler(opt, cfg.finetune)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert groups["head_decay"]["lr"] == pytest.approx(10 * groups["decay"]["lr"])
+    # Without the option (and without a config field) nothing is split.
+    assert len(optim.build_optimizer(model, cfg.finetune).param_groups) == 2
+
+
 # ----------------------------------------------------------------------------- schedules
 
 

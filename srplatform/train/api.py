@@ -722,13 +722,15 @@ def run_finetune(cfg: Config, init_from: str, scales: list[int] | None = None, *
                  data: DataRef | None = None, tracker=None, parent_run_id: str | None = None,
                  printer=None, on_event: Callable[[dict], None] | None = None
                  ) -> dict[int, StageResult]:
-    """Stage 2: one discrete fine-tuning run per scale from the stage-1 model file `init_from`,
-    all launched at once. Waits for all; a failed scale carries its error in `.error`.
+    """Stage 2: one discrete fine-tuning run per scale from the stage-1 weights `init_from`
+    (anything `resolve_init` takes), all launched at once. Waits for all; a failed scale
+    carries its error in `.error`.
 
     Without `parent_run_id` a parent MLflow run for this fine-tuning job is created."""
     scales = [int(s) for s in (scales or cfg.finetune.scales)]
     if not scales or any(s not in (2, 3, 4) for s in scales) or len(set(scales)) != len(scales):
         raise UserError(f"scales must be distinct values from 2, 3, 4; got {scales}")
+    init_from = resolve_init(init_from, cfg)  # runs:/, run ids, checkpoint folders -> a model file
     with ray_session(), _printer(printer, on_event) as pr:
         tracker = tracker or make_tracker(cfg)
         data = data or prepare_data(cfg, say=lambda m: pr.say(cfg.name, m))
@@ -763,9 +765,14 @@ def _fan_out(cfg: Config, scales: list[int], init_from: str, *, data: DataRef, t
             return StageResult(name=stage_label(cfg, "finetune", s), kind="finetune", scale=s,
                                error=msg)
 
-    with ThreadPoolExecutor(max_workers=len(scales), thread_name_prefix="c2d-finetune") as pool:
+    pool = ThreadPoolExecutor(max_workers=len(scales), thread_name_prefix="c2d-finetune")
+    try:
         futures = {s: pool.submit(one, s) for s in scales}
         return {s: f.result() for s, f in futures.items()}
+    finally:
+        # On Ctrl-C do not wait here for the runs: leaving `ray_session` stops (or leaves) Ray,
+        # which ends them; their checkpoints let the same command resume.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _log_parent_summary(tracker, run_id: str | None, results: dict[int, StageResult]) -> None:

@@ -69,12 +69,38 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups.values() if g["params"]]
 
 
-def build_optimizer(model: nn.Module, section) -> torch.optim.Optimizer:
+HEAD_PREFIX = "head."
+
+
+def split_head(groups: list[dict[str, Any]], lr: float, head_lr_mult: float) -> list[dict[str, Any]]:
+    """Give the head's parameters (names starting with `head.`) their own groups at
+    `lr * head_lr_mult`, keeping the decay split; the backbone groups keep `lr`."""
+    out = []
+    for g in groups:
+        for is_head in (False, True):
+            pairs = [(n, p) for n, p in zip(g["names"], g["params"]) if n.startswith(HEAD_PREFIX) == is_head]
+            if pairs:
+                out.append({**g, "names": [n for n, _ in pairs], "params": [p for _, p in pairs],
+                            "group": ("head_" if is_head else "") + g["group"],
+                            "lr": lr * (head_lr_mult if is_head else 1.0)})
+    return out
+
+
+def build_optimizer(model: nn.Module, section, *, head_lr_mult: float | None = None) -> torch.optim.Optimizer:
     """Adam or AdamW (`section.optimizer`) over `param_groups`, lr `section.lr`.
 
     `section` is an `OptimSection` (pretrain or finetune). Plain Adam applies weight decay as an
-    L2 term in the gradient, so `no_decay` matters for it too."""
+    L2 term in the gradient, so `no_decay` matters for it too.
+
+    `head_lr_mult` (default: `section.head_lr_mult` when the config has that field, else 1)
+    scales the lr of the head's parameters. Fine-tuning starts from a pretrained backbone but a
+    freshly initialised pixel-shuffle head: at the backbone's fine-tuning lr the new head needs
+    hundreds of steps just to leave the random start (measured on the tiny model, x2, 200 steps
+    at lr 2e-4: Set5 29.0 dB with 1x, 32.6 dB with a 10x head lr)."""
     groups = param_groups(model, section.weight_decay)
+    mult = float(head_lr_mult if head_lr_mult is not None else getattr(section, "head_lr_mult", 1.0))
+    if mult != 1.0:
+        groups = split_head(groups, section.lr, mult)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[section.optimizer]
     betas = (float(section.betas[0]), float(section.betas[1]))
     return cls(groups, lr=section.lr, betas=betas)
