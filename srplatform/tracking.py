@@ -4,9 +4,11 @@
     run_id = tr.create_run("c2disr", "tiny/pretrain", parent_run_id=parent)   # None if down
     tr.log_metrics(run_id, {"loss": 0.03}, step=10)                          # no-op if down
 
-Every call goes through one guard: the first failure prints one warning (naming the server and
-the error, never credentials) and the tracker stops talking to the server for `cooldown`
-seconds; after that one call probes again, and a recovered server is used again. Calls made
+Every call goes through one guard. When a call fails and the server's health endpoint does not
+answer either, one warning is printed (naming the server and the error, never credentials) and
+the tracker stops talking to the server for `cooldown` seconds; after that one call probes
+again, and a recovered server is used again. A call that fails while the server is healthy (a
+rejected request) is dropped alone, with one warning per kind of call. Calls made
 while it is down are dropped and counted (`dropped`), and the count is reported at the end.
 HTTP requests are bounded by `configure_http()`: a short timeout and at most one retry, instead
 of MLflow's defaults (120 s timeout, 7 retries with exponential back-off: about 20 minutes before
@@ -114,6 +116,7 @@ class Tracker:
         self._say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._down_until = 0.0
         self._warned = False
+        self._failed_calls: set[str] = set()
         self._lock = threading.Lock()
         self._client = None
         self._pending: queue.Queue | None = None
@@ -205,9 +208,18 @@ class Tracker:
             out = fn()
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+            # An outage stops all calls for a while; a request the server rejected (or a bug in
+            # what we send) fails alone, so concurrent runs keep logging. The health probe
+            # tells the two apart.
+            up = server_reachable(self.uri, timeout=3.0)
             with self._lock:
                 self.dropped += 1
-                self._mark_down(f"{what}: {type(exc).__name__}: {msg}")
+                if not up:
+                    self._mark_down(f"{what}: {type(exc).__name__}: {msg}")
+                elif what not in self._failed_calls:
+                    self._failed_calls.add(what)
+                    self._say(f"warning: MLflow {what} failed ({type(exc).__name__}: {msg}); "
+                              "training continues")
             return default
         if self._warned and self.failures:
             with self._lock:

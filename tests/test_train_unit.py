@@ -383,6 +383,8 @@ def test_tracker_survives_an_unreachable_server():
     from srplatform.stack import free_port
     from srplatform.tracking import Tracker
 
+    import mlflow  # noqa: F401 - imported before timing: on a busy machine that alone takes seconds
+
     said = []
     t0 = time.monotonic()
     tr = Tracker(f"http://127.0.0.1:{free_port()}", say=said.append, cooldown=3600)
@@ -390,7 +392,7 @@ def test_tracker_survives_an_unreachable_server():
     tr.log_metrics("abc", {"loss": 1.0}, step=1)
     tr.log_params("abc", {"a": 1})
     tr.end_run("abc")
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 20  # MLflow's default retries would take minutes
     assert len(said) == 1 and "unavailable" in said[0] and "continues" in said[0]
     assert tr.dropped >= 3 and "dropped" in tr.summary()
 
@@ -531,3 +533,20 @@ def test_fan_out_reports_a_failed_scale_and_finishes_the_others(monkeypatch):
     assert out[2].ok and out[4].ok and out[4].steps == 5
     assert not out[3].ok and "worker ran out of memory" in out[3].error
     assert any("t/x3" in line and "FAILED" in line for line in printer.lines)
+
+
+def test_tracker_rejected_request_is_not_an_outage(monkeypatch):
+    """A call that fails while the server is healthy is dropped alone: later calls still go out."""
+    from srplatform import tracking
+
+    monkeypatch.setattr(tracking, "server_reachable", lambda uri, timeout=3.0: True)
+    said, sent = [], []
+    tr = tracking.Tracker("http://127.0.0.1:1", say=said.append, probe=False)
+
+    def bad():
+        raise ValueError("INVALID_PARAMETER_VALUE: metric name")
+
+    assert tr.call("log metrics", bad, default="d") == "d"
+    assert tr.call("log metrics", bad) is None
+    assert tr.available and tr.call("set tags", lambda: sent.append(1) or "ok") == "ok"
+    assert sent == [1] and len(said) == 1 and "log metrics failed" in said[0]

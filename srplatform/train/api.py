@@ -193,8 +193,10 @@ def shared_candidates(name: str) -> list[Path]:
 
 def resolve_images(value: str, key: str) -> str:
     """A folder/glob/URI of images as given, or a bare name resolved under the shared data."""
-    if "://" in value or any(c in value for c in "*?[") or Path(value).expanduser().exists():
+    if "://" in value or any(c in value for c in "*?["):
         return value
+    if Path(value).expanduser().exists():  # absolute: Ray workers may run in another directory
+        return str(Path(value).expanduser().resolve())
     if "/" not in value:
         for cand in shared_candidates(value):
             if cand.is_dir():
