@@ -387,8 +387,18 @@ def ray_session() -> Iterator[None]:
 
         # address="local": a Ray of our own even when another one runs on this machine. The
         # system config keeps idle Ray Data task workers alive (see the pipeline module).
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 _system_config=RAY_SYSTEM_CONFIG, **kwargs)
+        for attempt in (1, 2):
+            try:
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                         _system_config=RAY_SYSTEM_CONFIG, **kwargs)
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
+                # On an overloaded machine the raylet can miss Ray's 30 s start-up window;
+                # a second start usually makes it.
+                if attempt == 2 or "timed out during startup" not in str(exc):
+                    raise
+                _say("warning: the local Ray did not start in time; trying once more")
+                ray.shutdown()
     try:
         yield
     finally:
