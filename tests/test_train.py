@@ -21,7 +21,8 @@ import pytest
 
 from srplatform.config import load_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration]
+slow = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -99,6 +100,7 @@ def _session_pids(sid: int) -> list[int]:
     return out
 
 
+@slow
 def test_driver_killed_then_rerun_continues_the_step_count(tmp_path, train_shards, mlflow_uri):
     """`c2d pretrain` is killed (driver, its local Ray and workers) after its first checkpoint;
     the same command again resumes there: the step count continues, the MLflow run too."""
@@ -153,6 +155,7 @@ def test_driver_killed_then_rerun_continues_the_step_count(tmp_path, train_shard
 # ----------------------------------------------------------------------------- pipeline
 
 
+@slow
 def test_pipeline_tracks_parent_children_metrics_and_artifacts(ray_local, tmp_path, train_shards, val_folder,
                                                               mlflow_uri):
     from mlflow import MlflowClient
@@ -228,6 +231,7 @@ def test_pipeline_tracks_parent_children_metrics_and_artifacts(ray_local, tmp_pa
 # ----------------------------------------------------------------------------- worker failure
 
 
+@slow
 def test_killed_worker_resumes_from_last_checkpoint_on_s3(ray_local, tmp_path, train_shards, stack, s3_server):
     """Rank 0's process is SIGKILLed right after its first checkpoint reached S3; Ray Train
     restarts the worker group from that checkpoint and the run finishes. Every checkpoint
@@ -271,6 +275,7 @@ def test_killed_worker_resumes_from_last_checkpoint_on_s3(ray_local, tmp_path, t
 # ----------------------------------------------------------------------------- two nodes
 
 
+@slow
 def test_two_node_cluster_without_tracking_server(train_shards, val_folder, capfd):
     """Workers placed on two Ray nodes (one CPU each, 0.75 CPU per worker); the MLflow server
     is unreachable: training finishes and says tracking was unavailable."""
@@ -306,3 +311,37 @@ def test_two_node_cluster_without_tracking_server(train_shards, val_folder, capf
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# ----------------------------------------------------------------------------- --from
+
+
+def test_finetune_from_resolves_mlflow_runs(tmp_path, mlflow_uri):
+    """`c2d finetune --from` accepts a run id / runs:/RUN_ID (the run's recorded checkpoint, else
+    its weights artifact) and runs:/RUN_ID/PATH; no Ray needed."""
+    from mlflow import MlflowClient
+
+    from c2disr.evaluate import save_model
+    from c2disr.models import build_model
+    from srplatform.train.api import resolve_init
+
+    cfg = load_config(TINY, [f"tracking.uri={mlflow_uri}"])
+    ckpt = tmp_path / "checkpoint_0000010"
+    ckpt.mkdir()
+    save_model(ckpt / "model_ema.pt", build_model("swinir_l", variant="c2d", flavor="tiny", head="continuous"))
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("from-test") or client.get_experiment(client.create_experiment("from-test"))
+    with_tag = client.create_run(exp.experiment_id, tags={"c2d.checkpoint_uri": ckpt.as_uri()}).info.run_id
+    assert resolve_init(with_tag, cfg) == (ckpt / "model_ema.pt").as_uri()
+    assert resolve_init(f"runs:/{with_tag}", cfg) == (ckpt / "model_ema.pt").as_uri()
+
+    plain = client.create_run(exp.experiment_id).info.run_id
+    client.log_artifact(plain, str(ckpt / "model_ema.pt"), "weights")
+    got = resolve_init(f"runs:/{plain}", cfg)
+    assert got.endswith("model_ema.pt") and Path(got.removeprefix("file://")).read_bytes() == \
+        (ckpt / "model_ema.pt").read_bytes()
+    assert resolve_init(f"runs:/{plain}/weights/model_ema.pt", cfg).endswith("model_ema.pt")
+    from srplatform.errors import UserError
+
+    with pytest.raises(UserError, match="cannot"):
+        resolve_init("runs:/0123456789abcdef0123456789abcdef", cfg)
