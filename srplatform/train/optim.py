@@ -94,9 +94,11 @@ def build_optimizer(model: nn.Module, section, *, head_lr_mult: float | None = N
 
     `head_lr_mult` (default: `section.head_lr_mult` when the config has that field, else 1)
     scales the lr of the head's parameters. Fine-tuning starts from a pretrained backbone but a
-    freshly initialised pixel-shuffle head: at the backbone's fine-tuning lr the new head needs
-    hundreds of steps just to leave the random start (measured on the tiny model, x2, 200 steps
-    at lr 2e-4: Set5 29.0 dB with 1x, 32.6 dB with a 10x head lr)."""
+    new pixel-shuffle head: from PyTorch's random init (`finetune.head_init: random`) the head
+    needs hundreds of steps at the backbone's fine-tuning lr just to leave its start (measured on
+    the tiny model, x2, 200 steps at lr 2e-4: Set5 29.0 dB with 1x, 32.6 dB with a 10x head lr).
+    The default least-squares head init starts close to the continuous model and needs no
+    multiplier."""
     groups = param_groups(model, section.weight_decay)
     mult = float(head_lr_mult if head_lr_mult is not None else getattr(section, "head_lr_mult", 1.0))
     if mult != 1.0:
