@@ -339,6 +339,9 @@ class Tracker:
             import mlflow
 
             mlflow.set_tracking_uri(self.uri)
+            # start_run(run_id=...) refuses a run outside the process's active experiment (a
+            # global that any earlier set_experiment call leaves behind): make them agree.
+            mlflow.set_experiment(experiment_id=self.client().get_run(run_id).info.experiment_id)
             log = logging.getLogger("mlflow")
             level = log.level
             log.setLevel(max(level, logging.WARNING))  # "validating input example" etc.
