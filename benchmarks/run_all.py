@@ -72,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0:
                 failed.append(name)
     lines = ["# Benchmark results", "", f"Measured on: {machine()}.",
-             f"Written by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
+             f"Written by `python benchmarks/run_all.py{' --quick' if args.quick else ''}"
+             f"{' --collect-only' if args.collect_only else ''}` on "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios compare against a baseline measured "
-             "in the same run.", ""]
+             "in the same run." + (" Collected from each benchmark's last JSON (see each table's own run notes)."
+                                     if args.collect_only else ""), ""]
     for name in BENCHES:
         path = RESULTS / RESULT_FILES[name]
         lines.append(f"## {name}")
