@@ -152,9 +152,11 @@ def main(argv=None) -> int:
     lines += ["", f"C2D minus discrete-only: {delta14:+.2f} dB on Set14, {delta5:+.2f} dB on Set5 "
               f"(tiny C2D SwinIR-L, T91, N = {n}, batch {base.data.batch_size} x "
               f"{base.resources.num_workers} workers, LR patch {base.data.patch}, Adam lr {p.lr} "
-              f"cosine for every stage, EMA weights, seed {args.seed}; wall time includes each "
-              "run's start-up)."]
+              f"cosine for every stage, x4 head init `{getattr(base.finetune, 'head_init', 'random')}` "
+              f"in both arms, EMA weights, seed {args.seed}; wall time includes each run's "
+              "start-up)."]
     out = {"table": "\n".join(lines), "rows": rows, "delta_psnr_set14": delta14,
+           "head_init": getattr(base.finetune, "head_init", "random"),
            "delta_psnr_set5": delta5, "steps_n": n, "quick": args.quick, "seed": args.seed,
            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load:.1f} at start, "
                       f"torch {torch.__version__}"}
