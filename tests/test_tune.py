@@ -324,9 +324,12 @@ def test_mlflow_parent_with_one_child_per_trial(search):
         assert "tune.setting" in run.data.params
         if t.status != "rejected":  # trained: the training run logged its config and curves
             assert run.data.params["pretrain.lr"] == str(t.values["pretrain.lr"])
-            assert run.data.metrics["val_x2_psnr"] == pytest.approx(t.metric)
+            # The trial record holds a value MLflow logged for this trial (which report it is
+            # depends on where the interruption fell; the child's latest may be a later one).
             hist = c.get_metric_history(run.info.run_id, "val_x2_psnr")
-            assert [m.step for m in hist] == ([2] if t.status == "early-stopped" else [2, 4])
+            logged = {m.step: m.value for m in hist}
+            assert any(v == pytest.approx(t.metric) for v in logged.values()), (t.metric, logged)
+            assert sorted(logged) == ([2] if t.status == "early-stopped" else [2, 4])
 
 
 @pytest.mark.integration
