@@ -22,6 +22,7 @@ slow or hung server never stalls a training step; `close()` flushes the queue wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -334,24 +335,42 @@ class Tracker:
             return None
 
         def go() -> Any:
-            import logging
-
             import mlflow
 
             mlflow.set_tracking_uri(self.uri)
             # start_run(run_id=...) refuses a run outside the process's active experiment (a
             # global that any earlier set_experiment call leaves behind): make them agree.
             mlflow.set_experiment(experiment_id=self.client().get_run(run_id).info.experiment_id)
-            log = logging.getLogger("mlflow")
-            level = log.level
-            log.setLevel(max(level, logging.WARNING))  # "validating input example" etc.
-            try:
+            with _quiet_mlflow_logs():  # "validating input example" etc.
                 with mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=False):
                     return fn()
-            finally:
-                log.setLevel(level)
 
         return self.call(what, go)
+
+
+_quiet_lock = threading.Lock()
+_quiet_state = {"depth": 0, "level": 0}
+
+
+@contextlib.contextmanager
+def _quiet_mlflow_logs():
+    """MLflow's INFO logs off while any thread is inside (nesting- and thread-safe: the level
+    is restored when the last one leaves, not by each thread on its own)."""
+    import logging
+
+    log = logging.getLogger("mlflow")
+    with _quiet_lock:
+        if _quiet_state["depth"] == 0:
+            _quiet_state["level"] = log.level
+            log.setLevel(max(log.level, logging.WARNING))
+        _quiet_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_state["depth"] -= 1
+            if _quiet_state["depth"] == 0:
+                log.setLevel(_quiet_state["level"])
 
 
 def flat_metrics(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
