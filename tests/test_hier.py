@@ -13,14 +13,6 @@ from c2disr.models.common import pad_to_multiple, relative_position_index, windo
 from c2disr.models.hier import SCC, C2DBody, HierFields, SCCBlock, build_group_body, validate_hier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

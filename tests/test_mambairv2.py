@@ -34,14 +34,6 @@ PUBLISHED_PARAMS = {2: 774_000, 3: 781_000, 4: 790_000}
 PUBLISHED_GMACS = {2: 286.3, 3: 126.7, 4: 75.6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -30,16 +30,6 @@ from c2disr.models.common import (
 ALL = [(a, v) for a in sorted(ARCHS) for v in VARIANTS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models are dominated by per-op overhead; with several threads on a busy 2-core
-    # machine OpenMP spinning makes them ~100x slower
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

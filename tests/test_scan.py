@@ -14,15 +14,6 @@ from c2disr.models import scan
 from c2disr.models.scan import scan_macs, selective_scan, selective_scan_reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: per-op overhead dominates, and OpenMP spinning on a busy 2-core machine hurts
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _inputs(b, d, n, length, *, groups=None, dtype=torch.float64, seed=0, a_scale=3.0, device="cpu"):
     """Random scan inputs in mamba-ssm's layout; A < 0 as in Mamba (A = -exp(A_log))."""
     g = torch.Generator().manual_seed(seed)

@@ -31,16 +31,6 @@ from srplatform.upscale import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, torch's thread pool under contention
-    makes these tiny forwards ~100x slower (measured: 3.7 s vs 26 ms per 24x24 forward)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- stand-ins
 
 
