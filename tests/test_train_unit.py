@@ -251,6 +251,37 @@ def test_load_state_names_the_missing_file(tmp_path):
         loop.load_state(tmp_path)
 
 
+def test_resume_prefers_the_newest_stored_checkpoint_that_loads(tmp_path):
+    """A restarted driver's Ray Train may not know the newest checkpoint on storage (killed
+    between upload and commit); the loop takes the newest stored one that loads, skipping a
+    torn one, and keeps Ray's own when that is as new."""
+    from c2disr.models import build_model
+    from srplatform.train.api import stored_checkpoints
+
+    cfg = load_config(None, ["pretrain.steps=10"])
+    m = build_model("swinir_l", variant="plain", flavor="tiny", head="continuous")
+    o = optim.build_optimizer(m, cfg.pretrain)
+    sch = optim.build_scheduler(o, cfg.pretrain)
+    for step in (2, 4, 6):
+        loop.save_checkpoint(tmp_path / f"checkpoint_{step:07d}", model=m, ema=None, optimizer=o,
+                             scheduler=sch, step=step, epoch=0, rng=[loop.rng_state(torch.Generator())],
+                             config=cfg.to_dict(), stage={"kind": "pretrain"})
+    (tmp_path / "checkpoint_0000006" / "state.pt").write_bytes(b"torn upload")
+    (tmp_path / "checkpoint_0000008").mkdir()  # no meta.json: not a checkpoint yet
+    found = stored_checkpoints(tmp_path.as_uri())
+    assert [int(meta["step"]) for _, meta in found] == [6, 4, 2]
+
+    spec = loop.StageSpec(kind="pretrain", run_name="t", resume_from=[[u, int(mt["step"])] for u, mt in found])
+    said: list[str] = []
+    state = loop._newer_state_on_storage(spec, None, "cpu", said.append, 0, None)
+    assert int(state["step"]) == 4
+    assert any("does not load" in s for s in said) and any("checkpoint_0000004" in s for s in said)
+    ray_state = {"step": torch.tensor(4)}
+    assert loop._newer_state_on_storage(spec, ray_state, "cpu", said.append, 0, None) is ray_state
+    assert loop._newer_state_on_storage(loop.StageSpec(kind="pretrain", run_name="t"), None, "cpu",
+                                        said.append, 0, None) is None
+
+
 # ----------------------------------------------------------------------------- query sampling
 
 

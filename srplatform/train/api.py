@@ -325,24 +325,32 @@ def _check_identity(stage_uri: str, identity: dict[str, Any], label: str) -> Non
             f"--name, or delete {stage_uri} to start over")
 
 
-def latest_checkpoint(stage_uri: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest complete checkpoint of a run folder (`checkpoint_<step>/meta.json`)."""
+def stored_checkpoints(stage_uri: str) -> list[tuple[str, dict[str, Any]]]:
+    """The checkpoints of a run folder that have their `meta.json`, newest first, as
+    (directory URI, meta)."""
     from srplatform import storage
     from srplatform.train.loop import CHECKPOINT_PREFIX, META_FILE
 
     if not storage.exists(stage_uri):
-        return None
+        return []
     base = str(storage.parse_uri(stage_uri)).rstrip("/") + "/"
     metas = []
     for e in storage.list_files(stage_uri, allow_empty=True):
         rel = e.uri[len(base):].split("/") if e.uri.startswith(base) else []
         if len(rel) == 2 and rel[0].startswith(CHECKPOINT_PREFIX) and rel[1] == META_FILE:
-            metas.append(e)
-    if not metas:
-        return None
-    best = max(metas, key=lambda e: e.uri)  # zero-padded step numbers sort as numbers
-    meta = _read_json(best.uri) or {}
-    return best.uri.rsplit("/", 1)[0], meta
+            metas.append(e.uri)
+    out = []
+    for uri in sorted(metas, reverse=True):  # zero-padded step numbers sort as numbers
+        meta = _read_json(uri)
+        if meta and "step" in meta:
+            out.append((uri.rsplit("/", 1)[0], meta))
+    return out
+
+
+def latest_checkpoint(stage_uri: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest complete checkpoint of a run folder (`checkpoint_<step>/meta.json`)."""
+    found = stored_checkpoints(stage_uri)
+    return found[0] if found else None
 
 
 def _display_path(uri: str) -> str:
@@ -620,7 +628,8 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
 
     data = data or prepare_data(cfg, say=lambda m: printer.say(label, m))
     section = cfg.pretrain if kind == "pretrain" else cfg.finetune
-    latest = latest_checkpoint(stage_uri)
+    stored = stored_checkpoints(stage_uri)
+    latest = stored[0] if stored else None
     start_step = int(latest[1].get("step", 0)) if latest else 0
     start_epoch = int(latest[1].get("epoch", -1)) + 1 if latest else 0
 
@@ -654,7 +663,8 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
     val_scales = [int(scale)] if kind == "finetune" else [2, 3, 4]
     spec = StageSpec(kind=kind, run_name=label, scale=scale, init_uri=init_uri,
                      val_folder=val_folder, val_scales=val_scales,
-                     mlflow_uri=tracker.uri if run_id else "", mlflow_run_id=run_id or "")
+                     mlflow_uri=tracker.uri if run_id else "", mlflow_run_id=run_id or "",
+                     resume_from=[[u, int(m["step"])] for u, m in stored[:3]])
 
     # Progress comes from our own lines; Ray Data's bars and plan dumps would drown them.
     data_ctx = ray.data.DataContext.get_current()

@@ -73,6 +73,10 @@ class StageSpec:
     val_scales: list[int] = field(default_factory=list)
     mlflow_uri: str = ""
     mlflow_run_id: str = ""
+    # Complete checkpoints the driver found in the run's storage, newest first, as [uri, step].
+    # A restarted driver's Ray Train may not know the newest of them (killed between the upload
+    # and the controller's commit); the loop then resumes from the newest one that loads.
+    resume_from: list[list[Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -362,6 +366,46 @@ def load_model_uri(uri: str) -> nn.Module:
         return load_model(path)
 
 
+def load_state_uri(uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """`load_state` of a checkpoint directory given as a path, file:// or s3:// URI."""
+    from srplatform import storage
+
+    local = storage.local_path(uri) if "://" in uri else Path(uri)
+    if local is not None:
+        return load_state(local, map_location=map_location)
+    with tempfile.TemporaryDirectory(prefix="c2d-resume-") as tmp:
+        (Path(tmp) / STATE_FILE).write_bytes(storage.read_bytes(storage.join(uri, STATE_FILE)))
+        return load_state(tmp, map_location=map_location)
+
+
+def _newer_state_on_storage(stage: StageSpec, state: dict[str, Any] | None, device: Any, say: Any,
+                            rank: int, dist: Any) -> dict[str, Any] | None:
+    """The training state to resume from: Ray Train's checkpoint (`state`, may be None) unless
+    the run's storage holds a newer one that loads (see `StageSpec.resume_from`). Rank 0
+    chooses and the others follow it, so every rank resumes at the same step."""
+    have = int(state["step"]) if state is not None else -1
+    choice = [""]
+    if rank == 0:
+        for uri, step in stage.resume_from:
+            if int(step) <= have:
+                break
+            try:
+                load_state_uri(uri, map_location="cpu")
+            except Exception as exc:  # noqa: BLE001 - a torn upload: try an older checkpoint
+                say(f"checkpoint {uri} does not load ({type(exc).__name__}: {exc}); trying an older one")
+                continue
+            choice = [uri]
+            break
+    if dist is not None:
+        dist.broadcast_object_list(choice, src=0)
+    if not choice[0]:
+        return state
+    if rank == 0:
+        known = f"its newest is step {have}" if have >= 0 else "it had none"
+        say(f"resuming from {choice[0]}, newer than what Ray Train recorded ({known})")
+    return load_state_uri(choice[0], map_location=device)
+
+
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
@@ -440,6 +484,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_state(d, map_location=device)
+    state = _newer_state_on_storage(stage, state, device, say, rank,
+                                    dist if distributed else None)
+    if state is not None:
         model.load_state_dict(state["model"], strict=True)
     shard = ray.train.get_dataset_shard("train")
     passes = 0
