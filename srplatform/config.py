@@ -99,6 +99,8 @@ class FinetuneSection(OptimSection):
     # stage-1 features of the first batch (starts near the continuous model's quality);
     # "random" = PyTorch's default init (the plain recipe).
     head_init: str = "lstsq"
+    # Learning rate of the new head's parameters relative to `lr` (the backbone keeps `lr`).
+    head_lr_mult: float = 1.0
 
 
 @dataclass(kw_only=True)
@@ -362,6 +364,8 @@ def validate(cfg: Config, *, source: str) -> None:
             bad(f"{name}.warmup_steps", f"must be in [0, steps], got {st.warmup_steps}")
     if cfg.finetune.head_init not in ("lstsq", "random"):
         bad("finetune.head_init", f"must be lstsq or random, got {cfg.finetune.head_init!r}")
+    if not cfg.finetune.head_lr_mult > 0:
+        bad("finetune.head_lr_mult", f"must be positive, got {cfg.finetune.head_lr_mult}")
     if not cfg.finetune.scales or any(s not in (2, 3, 4) for s in cfg.finetune.scales):
         bad("finetune.scales", f"must be a non-empty subset of [2, 3, 4], got {cfg.finetune.scales}")
     if len(set(cfg.finetune.scales)) != len(cfg.finetune.scales):

@@ -97,8 +97,13 @@ def test_head_lr_multiplier_groups(tiny_model):
         opt.step()
         sched.step()
     assert groups["head_decay"]["lr"] == pytest.approx(10 * groups["decay"]["lr"])
-    # Without the option (and without a config field) nothing is split.
+    # The default (finetune.head_lr_mult: 1) splits nothing; the config field does.
     assert len(optim.build_optimizer(model, cfg.finetune).param_groups) == 2
+    cfg10 = load_config(None, ["finetune.lr=1e-4", "finetune.head_lr_mult=10"])
+    by_name = {g["group"]: g for g in optim.build_optimizer(model, cfg10.finetune).param_groups}
+    assert by_name["head_decay"]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(UserError, match="finetune.head_lr_mult"):
+        load_config(None, ["finetune.head_lr_mult=0"])
 
 
 # ----------------------------------------------------------------------------- schedules
