@@ -84,6 +84,8 @@ __all__ = [
     "apply_overrides",
     "to_discrete",
     "param_groups",
+    "no_decay",
+    "NO_DECAY_NAMES",
     "count_params",
     "count_macs",
     "load_published",
@@ -323,20 +325,53 @@ def to_discrete(model: SRModel, scale: int) -> SRModel:
     return out
 
 
+# Parameter names (last component) that never get weight decay besides 0/1-d tensors.
+# Position-bias tables are 2-d but are additive biases of the attention logits; decaying them
+# pulls the learned relative-position prior towards zero (Swin / timm `no_weight_decay`).
+NO_DECAY_NAMES = frozenset({
+    "relative_position_bias_table",
+    "absolute_pos_embed",
+    "pos_embed",
+    "logit_scale",
+    "A_log",
+    "A_logs",
+    "D",
+    "Ds",
+})
+
+
+def no_decay(name: str, param: torch.Tensor, extra: frozenset[str] | set[str] = frozenset()) -> bool:
+    """True when parameter `name` must not be decayed: biases and norm scales (ndim <= 1),
+    position-bias tables and state-space constants (by name), parameters flagged with
+    `_no_weight_decay = True` (VMamba/MambaIR convention) and names a model lists in
+    `no_weight_decay()` (timm convention, passed here as `extra`)."""
+    last = name.rsplit(".", 1)[-1]
+    return (
+        param.ndim <= 1
+        or last in NO_DECAY_NAMES
+        or name in extra
+        or last in extra
+        or bool(getattr(param, "_no_weight_decay", False))
+    )
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices/kernels; none on biases, norms, position tables."""
-    decay, no_decay = [], []
+    """Two explicit AdamW groups: `decay` (weight matrices and kernels) with `weight_decay`,
+    `no_decay` (see `no_decay`) with 0. Frozen parameters are left out. Each group carries its
+    parameter names under "names" (the optimizer ignores extra keys) so they can be checked."""
+    hook = getattr(model, "no_weight_decay", None)
+    extra = set(hook()) if callable(hook) else set()
+    groups: dict[str, dict[str, Any]] = {
+        "decay": {"params": [], "names": [], "weight_decay": float(weight_decay), "group": "decay"},
+        "no_decay": {"params": [], "names": [], "weight_decay": 0.0, "group": "no_decay"},
+    }
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith("relative_position_bias_table"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        g = groups["no_decay" if no_decay(name, p, extra) else "decay"]
+        g["params"].append(p)
+        g["names"].append(name)
+    return [g for g in groups.values() if g["params"]]
 
 
 def count_params(model: nn.Module) -> int:
