@@ -106,6 +106,18 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int, device=None) ->
     return torch.zeros(diff.shape, device=device).masked_fill(diff, MASK_VALUE)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *, scale: float,
+           fused: bool) -> torch.Tensor:
+    """`softmax(q k^T * scale + bias) v` over the last two dims; `bias` (float, broadcastable to
+    the logits) is cast to q's dtype. `fused`: through `F.scaled_dot_product_attention`; else
+    the same math written out (a test checks they agree)."""
+    bias = bias.to(q.dtype)
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1) + bias
+    return attn.softmax(dim=-1) @ v
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside square windows with a learned relative-position bias.
 
@@ -146,12 +158,7 @@ class WindowAttention(nn.Module):
         bias = self.position_bias()  # (heads, N, N)
         if mask is not None:
             bias = bias[None] + mask[:, None]  # (nW, heads, N, N)
-        bias = bias.to(q.dtype)
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-            out = attn.softmax(dim=-1) @ v
+        out = attend(q, k, v, bias, scale=self.scale, fused=self.fused)
         out = out.transpose(2, 3).reshape(b, nw, n, c)
         return self.proj(out)
 
@@ -199,6 +206,99 @@ def set_fused_attention(module: nn.Module, enabled: bool) -> int:
             m.fused = enabled
             count += 1
     return count
+
+
+class ShiftedWindowBlock(nn.Module):
+    """Transformer block on `(B, H, W, C)`, any H, W: `x + attn(LN(x))` over windows of
+    `window` (cyclically shifted by `shift`, with a region mask), then `x + mlp(LN(x))`.
+    Pads to the window and crops back. Subclasses build `norm1`, `attn`, `norm2`, `mlp` and
+    define `make_mask(hp, wp, device)`; the mask is derived, cached, never in the state_dict."""
+
+    window: int
+    shift: int
+
+    def make_mask(self, hp: int, wp: int, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _mask(self, hp: int, wp: int, device) -> torch.Tensor:
+        key = (hp, wp, str(device))
+        cache = getattr(self, "_mask_cache", None)
+        if cache is None or cache[0] != key:
+            cache = self._mask_cache = (key, self.make_mask(hp, wp, device))
+        return cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[1:3]
+        win = self.window
+        y = pad_bhwc(self.norm1(x), win, win)
+        hp, wp = y.shape[1:3]
+        mask = None
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+            mask = self._mask(hp, wp, y.device)
+        y = window_reverse(self.attn(window_partition(y, win, win), mask), win, win, hp, wp)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + y[:, :h, :w]
+        return x + self.mlp(self.norm2(x))
+
+
+class ResidualGroup(nn.Module):
+    """body -> 3x3 conv -> + input, on `(B, H, W, C)` (official RSTB with resi_connection 1conv)."""
+
+    def __init__(self, body: nn.Module, dim: int):
+        super().__init__()
+        self.body = body
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x).permute(0, 3, 1, 2)
+        return x + self.conv(y).permute(0, 2, 3, 1)
+
+
+class WindowTransformerBackbone(nn.Module):
+    """SwinIR's outer structure, shared by SwinIR-L and SRFormer-L: normalised `(B, 3, h, w)`
+    -> features `(B, C, h, w)`.
+
+        conv_first 3x3 (3 -> C) -> embed_norm LN -> groups.i (body -> conv 3x3 -> + input)
+        -> norm LN -> conv_after_body 3x3 -> + conv_first output
+
+    `make_native(window, index, heads)` builds the backbone's own block (see hier.py's block
+    contract); `body_kwargs` go to `hier.build_group_body` (ffn kind and kernel). The plain
+    variant pads the image to a multiple of the window (reflection), as the official forward
+    does; hit and c2d blocks pad to their own windows."""
+
+    def __init__(self, cfg, *, make_native, **body_kwargs):
+        from c2disr.models.hier import build_group_body
+
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.embed_dim
+        self.out_channels = c
+        self.conv_first = nn.Conv2d(3, c, 3, padding=1)
+        self.embed_norm = nn.LayerNorm(c)
+        groups = []
+        for depth, heads in zip(cfg.depths, cfg.num_heads):
+            body = build_group_body(
+                cfg, dim=c, depth=depth, num_heads=heads, native_window=cfg.window,
+                make_native=lambda window, index, heads=heads: make_native(window, index, heads),
+                mlp_ratio=cfg.mlp_ratio, **body_kwargs)
+            groups.append(ResidualGroup(body, c))
+        self.groups = nn.ModuleList(groups)
+        self.norm = nn.LayerNorm(c)
+        self.conv_after_body = nn.Conv2d(c, c, 3, padding=1)
+        init_transformer_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if self.cfg.variant == "plain":
+            x = pad_to_multiple(x, self.cfg.window, self.cfg.window)
+        first = self.conv_first(x)
+        t = self.embed_norm(first.permute(0, 2, 3, 1))
+        for group in self.groups:
+            t = group(t)
+        t = self.norm(t).permute(0, 3, 1, 2)
+        return (self.conv_after_body(t) + first)[:, :, :h, :w]
 
 
 def init_transformer_weights(module: nn.Module) -> None:

@@ -21,22 +21,19 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from c2disr.models.common import (
     MASK_VALUE,
     ConvFFN,
-    init_transformer_weights,
-    pad_bhwc,
-    pad_to_multiple,
+    ShiftedWindowBlock,
+    WindowTransformerBackbone,
+    attend,
     relative_position_index,
     shift_region_labels,
     window_partition,
-    window_reverse,
 )
-from c2disr.models.hier import HierFields, build_group_body, validate_hier
-from c2disr.models.swinir import ResidualGroup
+from c2disr.models.hier import HierFields, validate_hier
 
 PSA_MASKS = ("exact", "official")
 
@@ -167,16 +164,11 @@ class PermutedAttention(nn.Module):
         bias = self.position_bias()
         if mask is not None:
             bias = bias[None] + mask[:, None]
-        bias = bias.to(q.dtype)
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-            out = attn.softmax(dim=-1) @ v
+        out = attend(q, k, v, bias, scale=self.scale, fused=self.fused)
         return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
 
 
-class PSABlock(nn.Module):
+class PSABlock(ShiftedWindowBlock):
     """SRFormer block on `(B, H, W, C)`, any H, W: x + PSA(LN(x)) (shifted on odd blocks),
     then x + ConvFFN(LN(x))."""
 
@@ -187,82 +179,21 @@ class PSABlock(nn.Module):
         self.attn = PermutedAttention(dim=dim, num_heads=num_heads, window=window, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = ConvFFN(dim=dim, hidden=int(dim * mlp_ratio), kernel=ffn_kernel)
-        self._mask_cache: tuple | None = None
 
-    def _mask(self, hp, wp, device):
-        key = (hp, wp, str(device))
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            self._mask_cache = (key, psa_mask(hp, wp, self.window, self.shift, self.mask_mode, device))
-        return self._mask_cache[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[1:3]
-        win = self.window
-        y = pad_bhwc(self.norm1(x), win, win)
-        hp, wp = y.shape[1:3]
-        mask = None
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-            mask = self._mask(hp, wp, y.device)
-        y = window_reverse(self.attn(window_partition(y, win, win), mask), win, win, hp, wp)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + y[:, :h, :w]
-        return x + self.mlp(self.norm2(x))
+    def make_mask(self, hp: int, wp: int, device) -> torch.Tensor:
+        return psa_mask(hp, wp, self.window, self.shift, self.mask_mode, device)
 
 
-class SRFormerBackbone(nn.Module):
+class SRFormerBackbone(WindowTransformerBackbone):
     """Normalised `(B, 3, h, w)` -> features `(B, C, h, w)`; same outer structure as SwinIR."""
 
     def __init__(self, cfg: SRFormerConfig):
-        super().__init__()
-        self.cfg = cfg
-        c = cfg.embed_dim
-        self.out_channels = c
-        self.conv_first = nn.Conv2d(3, c, 3, padding=1)
-        self.embed_norm = nn.LayerNorm(c)
-        groups = []
-        for depth, heads in zip(cfg.depths, cfg.num_heads):
+        def make_native(window: int, index: int, heads: int) -> nn.Module:
+            return PSABlock(dim=cfg.embed_dim, num_heads=heads, window=window,
+                            shift=window // 2 if index % 2 else 0, mlp_ratio=cfg.mlp_ratio,
+                            ffn_kernel=cfg.ffn_kernel, qkv_bias=cfg.qkv_bias, mask_mode=cfg.psa_mask)
 
-            def make_native(window: int, index: int, heads=heads) -> nn.Module:
-                return PSABlock(
-                    dim=c,
-                    num_heads=heads,
-                    window=window,
-                    shift=window // 2 if index % 2 else 0,
-                    mlp_ratio=cfg.mlp_ratio,
-                    ffn_kernel=cfg.ffn_kernel,
-                    qkv_bias=cfg.qkv_bias,
-                    mask_mode=cfg.psa_mask,
-                )
-
-            body = build_group_body(
-                cfg,
-                dim=c,
-                depth=depth,
-                num_heads=heads,
-                native_window=cfg.window,
-                make_native=make_native,
-                mlp_ratio=cfg.mlp_ratio,
-                ffn="convffn",
-                ffn_kernel=cfg.ffn_kernel,
-            )
-            groups.append(ResidualGroup(body, c))
-        self.groups = nn.ModuleList(groups)
-        self.norm = nn.LayerNorm(c)
-        self.conv_after_body = nn.Conv2d(c, c, 3, padding=1)
-        init_transformer_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if self.cfg.variant == "plain":
-            x = pad_to_multiple(x, self.cfg.window, self.cfg.window)
-        first = self.conv_first(x)
-        t = self.embed_norm(first.permute(0, 2, 3, 1))
-        for group in self.groups:
-            t = group(t)
-        t = self.norm(t).permute(0, 3, 1, 2)
-        return (self.conv_after_body(t) + first)[:, :, :h, :w]
+        super().__init__(cfg, make_native=make_native, ffn="convffn", ffn_kernel=cfg.ffn_kernel)
 
 
 def build_backbone(cfg: SRFormerConfig) -> SRFormerBackbone:

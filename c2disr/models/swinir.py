@@ -23,15 +23,12 @@ from torch import nn
 
 from c2disr.models.common import (
     Mlp,
+    ShiftedWindowBlock,
     WindowAttention,
-    init_transformer_weights,
-    pad_bhwc,
-    pad_to_multiple,
+    WindowTransformerBackbone,
     shifted_window_mask,
-    window_partition,
-    window_reverse,
 )
-from c2disr.models.hier import HierFields, build_group_body, validate_hier
+from c2disr.models.hier import HierFields, validate_hier
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,7 +92,7 @@ def make_config(*, flavor: str, variant: str) -> SwinIRConfig:
     return SwinIRConfig(variant=variant, **fields)
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(ShiftedWindowBlock):
     """Swin transformer block on `(B, H, W, C)`, any H, W (pads to the window, crops back)."""
 
     def __init__(self, *, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float, qkv_bias: bool):
@@ -105,89 +102,21 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim=dim, num_heads=num_heads, window=window, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim=dim, hidden=int(dim * mlp_ratio))
-        self._mask_cache: tuple | None = None  # (key, mask): derived, never in the state_dict
 
-    def _mask(self, hp: int, wp: int, device) -> torch.Tensor:
-        key = (hp, wp, str(device))
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            self._mask_cache = (key, shifted_window_mask(hp, wp, self.window, self.shift, device))
-        return self._mask_cache[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[1:3]
-        win = self.window
-        y = pad_bhwc(self.norm1(x), win, win)
-        hp, wp = y.shape[1:3]
-        mask = None
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-            mask = self._mask(hp, wp, y.device)
-        y = self.attn(window_partition(y, win, win), mask)
-        y = window_reverse(y, win, win, hp, wp)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + y[:, :h, :w]
-        return x + self.mlp(self.norm2(x))
+    def make_mask(self, hp: int, wp: int, device) -> torch.Tensor:
+        return shifted_window_mask(hp, wp, self.window, self.shift, device)
 
 
-class ResidualGroup(nn.Module):
-    """body -> 3x3 conv -> + input, on `(B, H, W, C)` (official RSTB with resi_connection 1conv)."""
-
-    def __init__(self, body: nn.Module, dim: int):
-        super().__init__()
-        self.body = body
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.body(x).permute(0, 3, 1, 2)
-        return x + self.conv(y).permute(0, 2, 3, 1)
-
-
-class SwinIRBackbone(nn.Module):
+class SwinIRBackbone(WindowTransformerBackbone):
     """Normalised `(B, 3, h, w)` -> features `(B, C, h, w)` (see the module docstring)."""
 
     def __init__(self, cfg: SwinIRConfig):
-        super().__init__()
-        self.cfg = cfg
-        c = cfg.embed_dim
-        self.out_channels = c
-        self.conv_first = nn.Conv2d(3, c, 3, padding=1)
-        self.embed_norm = nn.LayerNorm(c)
-        groups = []
-        for depth, heads in zip(cfg.depths, cfg.num_heads):
+        def make_native(window: int, index: int, heads: int) -> nn.Module:
+            return SwinBlock(dim=cfg.embed_dim, num_heads=heads, window=window,
+                             shift=window // 2 if index % 2 else 0, mlp_ratio=cfg.mlp_ratio,
+                             qkv_bias=cfg.qkv_bias)
 
-            def make_native(window: int, index: int, heads=heads) -> nn.Module:
-                shift = window // 2 if index % 2 else 0
-                return SwinBlock(
-                    dim=c, num_heads=heads, window=window, shift=shift, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias
-                )
-
-            body = build_group_body(
-                cfg,
-                dim=c,
-                depth=depth,
-                num_heads=heads,
-                native_window=cfg.window,
-                make_native=make_native,
-                mlp_ratio=cfg.mlp_ratio,
-                ffn="mlp",
-            )
-            groups.append(ResidualGroup(body, c))
-        self.groups = nn.ModuleList(groups)
-        self.norm = nn.LayerNorm(c)
-        self.conv_after_body = nn.Conv2d(c, c, 3, padding=1)
-        init_transformer_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if self.cfg.variant == "plain":
-            x = pad_to_multiple(x, self.cfg.window, self.cfg.window)
-        first = self.conv_first(x)
-        t = self.embed_norm(first.permute(0, 2, 3, 1))
-        for group in self.groups:
-            t = group(t)
-        t = self.norm(t).permute(0, 3, 1, 2)
-        return (self.conv_after_body(t) + first)[:, :, :h, :w]
+        super().__init__(cfg, make_native=make_native, ffn="mlp")
 
 
 def build_backbone(cfg: SwinIRConfig) -> SwinIRBackbone:
