@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -647,6 +647,25 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
+def _replace_local(path: str, fill: Callable[[BinaryIO], None]) -> None:
+    """Write a local file atomically: `fill(f)` writes a temporary file in the same folder,
+    which is fsynced, given the usual permissions and renamed over `path`."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def upload_file(
     local_path: str | os.PathLike[str],
     uri: str | URI,
@@ -658,26 +677,17 @@ def upload_file(
     s3://: one upload; S3 makes an object visible only once its upload completed.
     """
     u, s, fs, path = _ctx(uri, settings)
-    if u.scheme == "file":
-        parent = os.path.dirname(path)
-        with storage_errors(u, "write", s):
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
-            try:
-                with os.fdopen(fd, "wb") as out, open(local_path, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp, _default_mode())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        return
+
+    def copy(out: BinaryIO, bufsize: int) -> None:
+        with open(local_path, "rb") as src:
+            shutil.copyfileobj(src, out, bufsize)
+
     with storage_errors(u, "write", s):
-        with open(local_path, "rb") as src, fs.open_output_stream(path) as out:
-            shutil.copyfileobj(src, out, 8 << 20)
+        if u.scheme == "file":
+            _replace_local(path, lambda out: copy(out, 1 << 20))
+        else:
+            with fs.open_output_stream(path) as out:
+                copy(out, 8 << 20)
 
 
 def write_bytes(
@@ -685,26 +695,12 @@ def write_bytes(
 ) -> None:
     """Write `data` to `uri` atomically (see `upload_file`); parent folders are created."""
     u, s, fs, path = _ctx(uri, settings)
-    if u.scheme == "file":
-        parent = os.path.dirname(path)
-        with storage_errors(u, "write", s):
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp, _default_mode())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        return
     with storage_errors(u, "write", s):
-        with fs.open_output_stream(path) as out:
-            out.write(data)
+        if u.scheme == "file":
+            _replace_local(path, lambda out: out.write(data))
+        else:
+            with fs.open_output_stream(path) as out:
+                out.write(data)
 
 
 @contextlib.contextmanager
