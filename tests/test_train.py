@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,8 +120,12 @@ def test_driver_killed_then_rerun_continues_the_step_count(tmp_path, train_shard
                              start_new_session=True)
     run_dir = Path(os.environ["C2D_HOME"]) / "runs" / name / "pretrain"
     try:
-        _wait_for(lambda: any(run_dir.glob("checkpoint_*/meta.json")) or first.poll() is not None,
-                  300, "the first checkpoint")
+        # "saved" is printed once Ray Train committed the checkpoint, i.e. it is complete on
+        # storage (a kill while its files are still being copied may leave nothing to resume;
+        # tests/test_train_unit.py covers the torn and the uncommitted cases).
+        log_path = tmp_path / "first.log"
+        _wait_for(lambda: re.search(r"checkpoint checkpoint_\d+ saved", log_path.read_text(errors="replace"))
+                  or first.poll() is not None, 300, "the first checkpoint")
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
