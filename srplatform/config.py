@@ -179,6 +179,17 @@ VARIANTS = ("plain", "hit", "c2d")
 FLAVORS = ("light", "tiny")
 
 
+def read_yaml(path: Path, error: type[Exception], what: str, samples: str) -> Any:
+    """The parsed content of a YAML file (None when empty); `error` names the file when it is
+    missing ("`what` <path> does not exist (see `samples` for samples)") or not valid YAML."""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist (see {samples} for samples)")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or the defaults when `path` is None), then apply `--set` overrides."""
     data: dict[str, Any] = {}
@@ -186,12 +197,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (see jobs/configs/ for samples)")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        loaded = read_yaml(p, ConfigError, "config file", "jobs/configs/")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -53,8 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from srplatform.config import read_yaml
 from srplatform.errors import UserError
 
 ALGOS = ("random", "grid", "optuna", "optuna-mo")
@@ -395,12 +394,7 @@ def load_space(path: str | Path, *, algo: str | None = None, trials: int | None 
     file's `search` values when given. Checks against a Config: `validate_space`."""
     p = Path(path)
     source = str(p)
-    if not p.is_file():
-        raise SpaceError(f"search space file {p} does not exist (see jobs/spaces/ for samples)")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{p}: not valid YAML: {exc}") from None
+    data = read_yaml(p, SpaceError, "search space file", "jobs/spaces/")
     if not isinstance(data, dict) or not data:
         raise SpaceError(f"{p}: empty search space; it needs at least a `params` mapping "
                          "(see jobs/spaces/tiny.yaml)")
