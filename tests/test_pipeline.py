@@ -130,6 +130,30 @@ def test_make_pairs_counts_bad_samples():
     assert none["lr"].shape == (0, 3, PATCH, PATCH) and none["hr"].shape == (0, 3, 48, 48)
 
 
+def test_pair_task_extra_crops_are_fresh_and_count_bad_samples_once():
+    """`crops=k` gives k independent crops of every image per epoch; crop 0 is what crops=1
+    gives, so turning it on for a long run changes nothing of a short one."""
+    from srplatform.data.pipeline import _PairTask
+
+    good = odd_images(size=72)
+    bad = {name: data for name, (data, _) in bad_files().items() if name != "notes.txt"}
+    goods, bads = list(good.items())[:6], list(bad.items())
+    mixed = [item for pair in zip(goods, bads) for item in pair] + goods[len(bads):]
+    block = batch_of(dict(mixed))  # every batch of 3 holds a good image, so each emits rows
+    opts = dict(batch_size=3, patch=PATCH, scale_min=1.0, scale_max=4.0, fixed_scale=None, seed=3, epoch=2)
+    one = list(_PairTask(crops=1, **opts)(block))
+    three = list(_PairTask(crops=3, **opts)(block))
+    assert len(three) == 3 * len(one)
+    for a, b in zip(one, three[:len(one)]):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    lrs = [b["lr"] for b in three]
+    assert all(not np.array_equal(lrs[i], lrs[j]) for i in range(len(lrs)) for j in range(i))
+    assert sum(int(b["skipped"].sum()) for b in three) == sum(int(b["skipped"].sum()) for b in one) == len(bad)
+    with pytest.raises(UserError, match="crops"):
+        train_dataset("file:///nowhere", patch=PATCH, batch_size=4, crops=0)
+
+
 def test_normalise_sample_fixed_schema():
     row = normalise_sample({"__key__": "k1", "__url__": "s.tar", "txt": b"hello"})
     assert row == {"key": "k1", "url": "s.tar", "image": b"", "members": "txt"}
@@ -252,6 +276,9 @@ def test_ray_dataset_determinism_epochs_and_bad_members(ray_local, tiny_pack):
     both = collect(train_dataset(uri, epoch=0, epochs=2, **opts))
     assert sorted(both["epoch"].tolist()) == [0] * tiny_pack["n"] + [1] * tiny_pack["n"]
     assert fingerprints({k: v[both["epoch"] == 1] for k, v in both.items()}) == c
+    # Two crops per image: the epoch's pairs plus as many new ones.
+    two = fingerprints(collect(train_dataset(uri, epoch=0, crops=2, **opts)))
+    assert len(two) == 2 * len(a) and set(a) <= set(two) and len(set(two)) == len(two)
 
     # No manifest: the shards are listed; the hand-made shard's non-image member and corrupt
     # image are skipped and counted, its good image kept.

@@ -484,9 +484,16 @@ def test_plan_epochs():
     from srplatform.train.api import MAX_EPOCHS_PER_RUN, plan_epochs
 
     # 80 images, 2 workers, batch 4: 10 steps per epoch -> 60 steps need 6 (+1 margin).
-    assert plan_epochs(samples=80, batch_size=4, workers=2, steps_left=60) == 7
-    assert plan_epochs(samples=80, batch_size=4, workers=2, steps_left=0) == 1
-    assert plan_epochs(samples=80, batch_size=4, workers=2, steps_left=10**6) == MAX_EPOCHS_PER_RUN
+    assert plan_epochs(samples=80, batch_size=4, workers=2, steps_left=60) == (7, 1)
+    assert plan_epochs(samples=80, batch_size=4, workers=2, steps_left=0) == (1, 1)
+    assert plan_epochs(samples=80, batch_size=4, workers=2, steps_left=630) == (MAX_EPOCHS_PER_RUN, 1)
+    # Longer runs take more crops per image instead of more chained epochs, never running short.
+    for steps in (631, 5_000, 10**6):
+        epochs, crops = plan_epochs(samples=80, batch_size=4, workers=2, steps_left=steps)
+        assert crops > 1 and epochs <= MAX_EPOCHS_PER_RUN and (epochs - 1) * crops * 10 >= steps
+    # DIV2K-like: 800 images, 4 workers x 16, 500k steps.
+    epochs, crops = plan_epochs(samples=800, batch_size=16, workers=4, steps_left=500_000)
+    assert epochs <= MAX_EPOCHS_PER_RUN and (epochs - 1) * crops * 12 >= 500_000
     with pytest.raises(UserError, match="too few"):
         plan_epochs(samples=7, batch_size=4, workers=2, steps_left=10)
 

@@ -34,7 +34,9 @@ Output columns (fixed shapes, so rows of batches with different scales stack):
 Randomness: each batch draws from `numpy.random.SeedSequence([seed, epoch, block_id])` where
 block_id is a stable hash of the batch's first sample key, so no two batches share a stream,
 the same shards and seed give the same pairs (wherever the shards are stored), and a new epoch
-gives new crops. The file order is shuffled with a seed derived from (seed, epoch).
+gives new crops. The file order is shuffled with a seed derived from (seed, epoch). With
+`crops=k`, an epoch yields k independent crops of every image, the extra ones from
+`[seed, epoch, block_id, crop]`.
 """
 
 from __future__ import annotations
@@ -81,10 +83,12 @@ def hr_patch_max(patch: int, scale_max: float) -> int:
     return int(round(patch * scale_max))
 
 
-def block_seed(seed: int, epoch: int, first_key: str) -> np.random.SeedSequence:
-    """The seed sequence of one batch: (seed, epoch, 64-bit hash of its first key)."""
+def block_seed(seed: int, epoch: int, first_key: str, crop: int = 0) -> np.random.SeedSequence:
+    """The seed sequence of one batch: (seed, epoch, 64-bit hash of its first key[, crop]);
+    `crop` > 0 numbers the extra crops of an epoch (see `train_dataset(crops=...)`)."""
     digest = hashlib.blake2b(first_key.encode("utf-8"), digest_size=8).digest()
-    return np.random.SeedSequence([int(seed), int(epoch), int.from_bytes(digest, "little")])
+    entropy = [int(seed), int(epoch), int.from_bytes(digest, "little")]
+    return np.random.SeedSequence(entropy + ([int(crop)] if crop else []))
 
 
 def normalise_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +128,7 @@ def make_pairs(
     fixed_scale: int | None = None,
     seed: int = 0,
     epoch: int = 0,
+    crop_index: int = 0,
     quantize_lr: bool = True,
 ) -> dict[str, np.ndarray]:
     """One batch of raw samples -> LR/HR pairs (see the module docstring for the columns).
@@ -141,7 +146,7 @@ def make_pairs(
     n = len(keys)
     s_max = float(fixed_scale) if fixed_scale else float(scale_max)
     big = hr_patch_max(patch, s_max)
-    rng = np.random.default_rng(block_seed(seed, epoch, keys[0] if n else ""))
+    rng = np.random.default_rng(block_seed(seed, epoch, keys[0] if n else "", crop_index))
     if fixed_scale:
         side = int(patch * fixed_scale)
     else:
@@ -177,7 +182,7 @@ def make_pairs(
             crop = crop.transpose(1, 0, 2)
         crops.append(to_float(np.ascontiguousarray(crop)))
 
-    if bad:
+    if bad and not crop_index:  # extra crops of an epoch meet the same samples again
         log.warning("skipped %d of %d samples: %s", len(bad), n, "; ".join(bad[:8]))
     m = len(crops)
     hr_out = np.zeros((m, 3, big, big), dtype=np.float32)
@@ -213,8 +218,9 @@ class _PairTask:
     inside them would only fight each other.
     """
 
-    def __init__(self, *, batch_size: int, **options: Any):
+    def __init__(self, *, batch_size: int, crops: int = 1, **options: Any):
         self.batch_size = batch_size
+        self.crops = crops
         self.options = options
 
     def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -223,11 +229,15 @@ class _PairTask:
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
         n = len(block["key"])
-        for start in range(0, n, self.batch_size):
-            part = {k: v[start : start + self.batch_size] for k, v in block.items()}
-            out = make_pairs(part, **self.options)
-            if len(out["lr"]):
-                yield out
+        # Crop-major: the block's batches once per crop, so repeats of an image are far apart.
+        for crop in range(self.crops):
+            for start in range(0, n, self.batch_size):
+                part = {k: v[start : start + self.batch_size] for k, v in block.items()}
+                out = make_pairs(part, crop_index=crop, **self.options)
+                if len(out["lr"]):
+                    if crop:
+                        out["skipped"][:] = 0  # a bad sample is counted once, on crop 0
+                    yield out
 
 
 # --------------------------------------------------------------------------------------
@@ -289,6 +299,7 @@ def train_dataset(
     seed: int = 0,
     epoch: int = 0,
     epochs: int = 1,
+    crops: int = 1,
     settings: storage.S3Settings | Mapping[str, Any] | None = None,
     num_cpus: float = 0.25,
     shuffle_files: bool = True,
@@ -301,6 +312,9 @@ def train_dataset(
     integer scale (scale_min/max ignored). epochs: > 1 chains that many epochs (epoch,
     epoch + 1, ...) into one dataset, each with its own file order and crops; the `epoch`
     column tells them apart (convenient for a Ray Train loop that iterates its shard once).
+    crops: independent random crops (scale, position, symmetry) of every image per epoch, each
+    from its own seed stream; crop 0 is exactly what `crops=1` gives. Lets a long run draw
+    fresh pairs without chaining thousands of epochs into one dataset.
     num_cpus: CPUs reserved per read+pairs task (fractional so tasks fit beside training).
     """
     import ray.data
@@ -309,6 +323,8 @@ def train_dataset(
     _check_options(patch, batch_size, scale_min, scale_max, fixed_scale, num_cpus)
     if epochs < 1:
         raise UserError(f"epochs must be at least 1 (got {epochs})")
+    if crops < 1:
+        raise UserError(f"crops must be at least 1 (got {crops})")
     u = storage.parse_uri(uri)
     s = storage.resolve_settings(settings) if u.scheme == "s3" else None
     shards = shard_uris(str(u), s)
@@ -333,6 +349,7 @@ def train_dataset(
         return ds.map_batches(
             _PairTask(
                 batch_size=batch_size,
+                crops=int(crops),
                 patch=patch,
                 scale_min=float(scale_min),
                 scale_max=float(scale_max),
