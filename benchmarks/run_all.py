@@ -6,7 +6,7 @@ Each benchmark is its own script (`benchmarks/<name>.py`) that measures a baseli
 run and writes `benchmarks/results/<name>.json` with a `table` (Markdown) and the raw numbers;
 this runner calls them one after the other (they are sized for a 2-core machine and must not
 compete for cores), then writes `benchmarks/results/README.md` with every table and the machine
-it ran on.
+it ran on, and copies those tables into the project README (between its benchmark markers).
 """
 
 from __future__ import annotations
@@ -50,6 +50,25 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}){mem}, {gpu}; Python {platform.python_version()}, torch {torch_v}"
 
 
+README = HERE.parent / "README.md"
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def update_readme(lines: list[str]) -> bool:
+    """Put the collected tables into the project README between BEGIN and END (headings one
+    level down, under its Benchmarks section). False when the README has no such markers."""
+    if not README.is_file():
+        return False
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    body = "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
+    README.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="pass --quick to every benchmark (smaller sizes)")
@@ -89,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"_Machine: {data['machine']}_", ""]
     (RESULTS / "README.md").write_text("\n".join(lines))
     print(f"\nwrote {RESULTS / 'README.md'}")
+    if update_readme(lines[2:]):
+        print(f"updated the tables in {README}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
