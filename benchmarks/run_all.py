@@ -64,7 +64,8 @@ def update_readme(lines: list[str]) -> bool:
         return False
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    body = "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
+    rows = "\n".join(lines).split("\n")
+    body = "\n".join("#" + line if line.startswith("#") else line for line in rows).strip()
     README.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
     return True
 
