@@ -4,6 +4,8 @@ masks are right; published checkpoints map by their official key names."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -92,6 +94,27 @@ def test_continuous_head_non_integer_scales(arch, variant):
             size = (round(13 * s), round(11 * s))
             out = model(lr, out_size=size)
             assert out.shape == (2, 3, *size) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch,variant", ALL)
+@pytest.mark.parametrize("head", ["discrete", "continuous"])
+def test_bf16_autocast_forward_and_backward(arch, variant, head):
+    """The training loop runs under bf16 autocast on CUDA; CPU autocast takes the same dtype
+    paths through our code (masks and biases cast to the logits' dtype, the scan in float32,
+    the implicit head), so every model must train under it and stay near its float32 output."""
+    model = _tiny(arch, variant, head=head, scale=3).train()
+    x = torch.rand(2, 3, 19, 23)
+    size = (45, 51) if head == "continuous" else None
+    with torch.no_grad():
+        ref = model(x, size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, size)
+    (out.float() - ref).abs().mean().backward()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    mse = float(((out.detach().float().clamp(0, 1) - ref.clamp(0, 1)) ** 2).mean())
+    assert 10 * math.log10(1 / max(mse, 1e-12)) > 40, mse  # bf16 keeps ~3 significant digits
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, bad[:5]
 
 
 def test_continuous_query_matches_render_and_chunking_is_exact():
