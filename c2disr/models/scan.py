@@ -307,22 +307,28 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
             "chunked", "cuda" or "reference".
 
     Returns:
-        (batch, channels, L): float32, or float64 when ``u`` is float64 (the CUDA kernel returns
-        ``u``'s dtype).
+        (batch, channels, L): float32, or float64 when ``u`` is float64 (which "auto" leaves to
+        the chunked path: the CUDA kernel has no float64).
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan: backend must be one of {BACKENDS}; got {backend!r}")
     if chunk < 2:
         raise ValueError(f"selective_scan: chunk must be >= 2; got {chunk}")
     _check(u, delta, A, B, C, D, delta_bias)
-    if backend == "cuda" or (backend == "auto" and u.is_cuda and _mamba_kernel() is not None):
+    if backend == "cuda" or (backend == "auto" and u.is_cuda and u.dtype != torch.float64
+                             and _mamba_kernel() is not None):
         kernel = _mamba_kernel()
         if kernel is None or not u.is_cuda:
             raise RuntimeError("selective_scan: backend='cuda' needs CUDA tensors and mamba-ssm "
                                "(pip install 'c2disr[gpu]'); use backend='chunked' otherwise")
-        return kernel(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-                      D, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                      return_last_state=False)
+        # Everything in float32, as the official MambaIRv2 calls it and as the chunked path
+        # computes: the kernel wants u, delta, B, C of one dtype and A, D, delta_bias in float32,
+        # which bf16 autocast would otherwise break (projections in bf16, A from exp in float32).
+        def f32(t):
+            return None if t is None else t.float().contiguous()
+
+        return kernel(f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), z=None,
+                      delta_bias=f32(delta_bias), delta_softplus=delta_softplus, return_last_state=False)
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, delta_bias=delta_bias,
                                         delta_softplus=delta_softplus)
