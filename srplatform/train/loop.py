@@ -451,6 +451,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(_threads_for(cfg.resources.cpus_per_worker))
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        # Object collectives on NCCL (the resume choice, node ids, RNG states) use the current
+        # device; without this every rank of a node would use cuda:0.
+        torch.cuda.set_device(device)
     distributed = dist.is_available() and dist.is_initialized() and world > 1
 
     def allreduce(t: torch.Tensor) -> torch.Tensor:
