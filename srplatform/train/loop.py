@@ -366,6 +366,19 @@ def load_model_uri(uri: str) -> nn.Module:
         return load_model(path)
 
 
+def _load_ray_checkpoint(ckpt: Any, device: Any) -> dict[str, Any]:
+    """`load_state` of a Ray Train checkpoint. A remote one is downloaded into this process's
+    own temporary folder: `Checkpoint.as_directory()` shares one download folder between the
+    ranks of a node, and a rank that finds the download lock free re-downloads into it while
+    another rank may still be reading (seen as a torn state.pt on an S3 restore)."""
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        return load_state(ckpt.path, map_location=device)
+    with tempfile.TemporaryDirectory(prefix="c2d-restore-") as tmp:
+        return load_state(ckpt.to_directory(tmp), map_location=device)
+
+
 def load_state_uri(uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """`load_state` of a checkpoint directory given as a path, file:// or s3:// URI."""
     from srplatform import storage
@@ -486,8 +499,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, epoch_seen, resumed_from, state = 0, -1, None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_state(d, map_location=device)
+        state = _load_ray_checkpoint(ckpt, device)
     state = _newer_state_on_storage(stage, state, device, say, rank,
                                     dist if distributed else None)
     if state is not None:
