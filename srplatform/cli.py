@@ -36,7 +36,16 @@ COMMANDS = [
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Raw descriptions; "(default: X)" appended where it says something: not when the help
+    already names its default, nor for flags, empty values and None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or isinstance(default, bool)
+                or (isinstance(default, (str, list, tuple)) and not default)):
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
