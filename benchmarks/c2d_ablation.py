@@ -24,7 +24,6 @@ Writes benchmarks/results/c2d_ablation.json ({"table": Markdown, "rows": [...], 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,9 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from benchmarks.common import finish, log  # noqa: E402
 
 
 def config(args, name: str, extra: list[str]):
@@ -160,14 +157,7 @@ def main(argv=None) -> int:
            "delta_psnr_set5": delta5, "steps_n": n, "quick": args.quick, "seed": args.seed,
            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load:.1f} at start, "
                       f"torch {torch.__version__}"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(out["table"])
-    log(f"wrote {args.out}")
-    import shutil
-
-    shutil.rmtree(home, ignore_errors=True)
-    return 0
+    return finish(out, args.out, home)
 
 
 if __name__ == "__main__":

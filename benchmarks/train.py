@@ -29,7 +29,6 @@ Writes benchmarks/results/train.json ({"table": Markdown, "rows": [...], "machin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,9 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from benchmarks.common import finish, log  # noqa: E402
 
 
 def machine() -> str:
@@ -193,14 +190,7 @@ def main(argv=None) -> int:
               f"{args.repeats} alternating round(s)."]
     out = {"table": "\n".join(lines), "rows": rows, "ratios": ratios, "machine": info,
            "quick": args.quick, "steps": args.steps, "repeats": args.repeats}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(out["table"])
-    log(f"wrote {args.out}")
-    import shutil
-
-    shutil.rmtree(home, ignore_errors=True)
-    return 0
+    return finish(out, args.out, home)
 
 
 if __name__ == "__main__":
