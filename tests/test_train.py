@@ -277,6 +277,28 @@ def test_killed_worker_resumes_from_last_checkpoint_on_s3(ray_local, tmp_path, t
     assert result.checkpoint_uri.startswith("s3://") and result.checkpoint_uri.endswith("checkpoint_0000016")
 
 
+@slow
+def test_diverged_run_stops_with_a_clear_error_before_checkpointing(ray_local, tmp_path, train_shards):
+    """Adam at lr 0.5 makes the loss NaN within a few steps: the run stops on every rank with an
+    error that says so and what to change, and no checkpoint of the diverged model is written."""
+    import ray.train
+
+    from srplatform.stack import free_port
+    from srplatform.train.api import run_stage
+
+    root = tmp_path.as_uri()
+    cfg = _cfg("diverge", train_shards, "", [
+        f"storage={root}", "pretrain.steps=12", "pretrain.lr=0.5", "run.checkpoint_every=6",
+        "resources.max_failures=0", f"tracking.uri=http://127.0.0.1:{free_port()}"])
+    with pytest.raises(ray.train.TrainingFailedError, match="training diverged") as info:
+        run_stage(cfg, kind="pretrain")
+    text = str(info.value)
+    assert "pretrain.lr" in text
+    at = int(re.search(r"not finite at step (\d+)", text).group(1))
+    saved = [int(p.name.split("_")[1]) for p in (tmp_path / "diverge" / "pretrain").glob("checkpoint_*")]
+    assert all(s < at for s in saved), (saved, at)
+
+
 # ----------------------------------------------------------------------------- two nodes
 
 

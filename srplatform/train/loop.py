@@ -366,6 +366,10 @@ def load_model_uri(uri: str) -> nn.Module:
         return load_model(path)
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
 def _load_ray_checkpoint(ckpt: Any, device: Any) -> dict[str, Any]:
     """`load_state` of a Ray Train checkpoint. A remote one is downloaded into this process's
     own temporary folder: `Checkpoint.as_directory()` shares one download folder between the
@@ -675,6 +679,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 skipped], dtype=torch.float64)
 
         final = step >= total
+        do_val = bool(pairs) and (step % cfg.run.val_every == 0 or final)
+        do_ckpt = step % cfg.run.checkpoint_every == 0 or final
+        if do_val or do_ckpt or step % cfg.run.log_every == 0:
+            # A diverged run stops here, on every rank at once, before it is validated or
+            # checkpointed: a NaN model must not become the checkpoint a retry resumes from.
+            # (window[0] sums this window's losses, so one non-finite loss makes it non-finite.)
+            diverged = allreduce(torch.tensor([0.0 if math.isfinite(float(window[0])) else 1.0]))
+            if float(diverged[0]) > 0:
+                raise TrainingDiverged(
+                    f"{stage.run_name}: the loss is not finite at step {step}: training diverged. "
+                    f"Lower {stage.kind}.lr (now {section.lr:g}), add {stage.kind}.warmup_steps or "
+                    f"set {stage.kind}.grad_clip; the last good checkpoint is the one before step {step}.")
         if step % cfg.run.log_every == 0 or final:
             tot = allreduce(window.clone())
             wall = time.perf_counter() - t_window
@@ -696,8 +712,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window.zero_()
             t_window = time.perf_counter()
 
-        do_val = bool(pairs) and (step % cfg.run.val_every == 0 or final)
-        do_ckpt = step % cfg.run.checkpoint_every == 0 or final
         if do_val:
             latest_val = evaluate_now(step)
         if do_ckpt:
