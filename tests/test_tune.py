@@ -330,7 +330,12 @@ def test_mlflow_parent_with_one_child_per_trial(search):
             hist = c.get_metric_history(run.info.run_id, "val_x2_psnr")
             logged = {m.step: m.value for m in hist}
             assert any(v == pytest.approx(t.metric) for v in logged.values()), (t.metric, logged)
-            assert sorted(logged) == ([2] if t.status == "early-stopped" else [2, 4])
+            if t.status == "early-stopped":
+                # ASHA's stop reaches the trial asynchronously: it may have trained (and
+                # logged) on to its next report before it was stopped.
+                assert 2 in logged and set(logged) <= {2, 4}, logged
+            else:
+                assert sorted(logged) == [2, 4]
 
 
 @pytest.mark.integration
