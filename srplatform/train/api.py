@@ -58,6 +58,8 @@ RESULT_FILE = "_c2d_result.json"
 PIPELINE_FILE = "_c2d_pipeline.json"
 # At most this many data epochs are chained into one run's dataset (see `plan_epochs`).
 MAX_EPOCHS_PER_RUN = 64
+# Newest stored checkpoints a (re)started run may resume from, should the newest not load.
+RESUME_CANDIDATES = 3
 _say_lock = threading.Lock()
 
 
@@ -333,9 +335,9 @@ def _check_identity(stage_uri: str, identity: dict[str, Any], label: str) -> Non
             f"--name, or delete {stage_uri} to start over")
 
 
-def stored_checkpoints(stage_uri: str) -> list[tuple[str, dict[str, Any]]]:
+def stored_checkpoints(stage_uri: str, limit: int | None = None) -> list[tuple[str, dict[str, Any]]]:
     """The checkpoints of a run folder that have their `meta.json`, newest first, as
-    (directory URI, meta)."""
+    (directory URI, meta); at most `limit` of them (only those are read)."""
     from srplatform import storage
     from srplatform.train.loop import CHECKPOINT_PREFIX, META_FILE
 
@@ -349,6 +351,8 @@ def stored_checkpoints(stage_uri: str) -> list[tuple[str, dict[str, Any]]]:
             metas.append(e.uri)
     out = []
     for uri in sorted(metas, reverse=True):  # zero-padded step numbers sort as numbers
+        if limit is not None and len(out) >= limit:
+            break
         meta = _read_json(uri)
         if meta and "step" in meta:
             out.append((uri.rsplit("/", 1)[0], meta))
@@ -357,7 +361,7 @@ def stored_checkpoints(stage_uri: str) -> list[tuple[str, dict[str, Any]]]:
 
 def latest_checkpoint(stage_uri: str) -> tuple[str, dict[str, Any]] | None:
     """The newest complete checkpoint of a run folder (`checkpoint_<step>/meta.json`)."""
-    found = stored_checkpoints(stage_uri)
+    found = stored_checkpoints(stage_uri, limit=1)
     return found[0] if found else None
 
 
@@ -636,7 +640,7 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
 
     data = data or prepare_data(cfg, say=lambda m: printer.say(label, m))
     section = cfg.pretrain if kind == "pretrain" else cfg.finetune
-    stored = stored_checkpoints(stage_uri)
+    stored = stored_checkpoints(stage_uri, limit=RESUME_CANDIDATES)
     latest = stored[0] if stored else None
     start_step = int(latest[1].get("step", 0)) if latest else 0
     start_epoch = int(latest[1].get("epoch", -1)) + 1 if latest else 0
@@ -672,7 +676,7 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
     spec = StageSpec(kind=kind, run_name=label, scale=scale, init_uri=init_uri,
                      val_folder=val_folder, val_scales=val_scales,
                      mlflow_uri=tracker.uri if run_id else "", mlflow_run_id=run_id or "",
-                     resume_from=[[u, int(m["step"])] for u, m in stored[:3]])
+                     resume_from=[[u, int(m["step"])] for u, m in stored])
 
     # Progress comes from our own lines; Ray Data's bars and plan dumps would drown them.
     data_ctx = ray.data.DataContext.get_current()

@@ -401,13 +401,13 @@ def _newer_state_on_storage(stage: StageSpec, state: dict[str, Any] | None, devi
     the run's storage holds a newer one that loads (see `StageSpec.resume_from`). Rank 0
     chooses and the others follow it, so every rank resumes at the same step."""
     have = int(state["step"]) if state is not None else -1
-    choice = [""]
+    choice, found = [""], None
     if rank == 0:
         for uri, step in stage.resume_from:
             if int(step) <= have:
                 break
             try:
-                load_state_uri(uri, map_location="cpu")
+                found = load_state_uri(uri, map_location=device)
             except Exception as exc:  # noqa: BLE001 - a torn upload: try an older checkpoint
                 say(f"checkpoint {uri} does not load ({type(exc).__name__}: {exc}); trying an older one")
                 continue
@@ -420,6 +420,7 @@ def _newer_state_on_storage(stage: StageSpec, state: dict[str, Any] | None, devi
     if rank == 0:
         known = f"its newest is step {have}" if have >= 0 else "it had none"
         say(f"resuming from {choice[0]}, newer than what Ray Train recorded ({known})")
+        return found
     return load_state_uri(choice[0], map_location=device)
 
 
@@ -681,18 +682,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final = step >= total
         do_val = bool(pairs) and (step % cfg.run.val_every == 0 or final)
         do_ckpt = step % cfg.run.checkpoint_every == 0 or final
-        if do_val or do_ckpt or step % cfg.run.log_every == 0:
+        do_log = step % cfg.run.log_every == 0 or final
+        if do_log or do_val or do_ckpt:
+            # One all-reduce of the window serves the progress line and the divergence check.
             # A diverged run stops here, on every rank at once, before it is validated or
             # checkpointed: a NaN model must not become the checkpoint a retry resumes from.
-            # (window[0] sums this window's losses, so one non-finite loss makes it non-finite.)
-            diverged = allreduce(torch.tensor([0.0 if math.isfinite(float(window[0])) else 1.0]))
-            if float(diverged[0]) > 0:
+            # (tot[0] sums the window's losses of all ranks: one non-finite loss makes it so.)
+            tot = allreduce(window.clone())
+            if not math.isfinite(float(tot[0])):
                 raise TrainingDiverged(
                     f"{stage.run_name}: the loss is not finite at step {step}: training diverged. "
                     f"Lower {stage.kind}.lr (now {section.lr:g}), add {stage.kind}.warmup_steps or "
                     f"set {stage.kind}.grad_clip; the last good checkpoint is the one before step {step}.")
-        if step % cfg.run.log_every == 0 or final:
-            tot = allreduce(window.clone())
+        if do_log:
             wall = time.perf_counter() - t_window
             skipped_total += float(tot[5])
             mean_step = float(tot[4]) / max(1.0, float(tot[1]))  # seconds, averaged over ranks

@@ -22,7 +22,7 @@ from torch import nn
 
 # The decay / no-decay split lives with the models (c2disr.models), so a plain PyTorch user of
 # c2disr gets the same groups as the platform's training loop.
-from c2disr.models import NO_DECAY_NAMES, no_decay, param_groups  # noqa: E402,F401
+from c2disr.models import NO_DECAY_NAMES, no_decay, param_groups  # noqa: F401 - re-exported
 
 
 HEAD_PREFIX = "head."
