@@ -24,7 +24,7 @@ from typing import Any
 
 from srplatform.errors import UserError
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 REPO_SPACE = Path(__file__).resolve().parents[1] / "jobs" / "spaces" / "tiny.yaml"
 
 
@@ -36,7 +36,7 @@ class DemoOptions:
     space: str = ""  # search space; empty = jobs/spaces/tiny.yaml
     overrides: list[str] = field(default_factory=list)
     search: bool = True
-    search_trials: int = 3
+    search_trials: int = 2
     val: str = ""  # validation/benchmark folder; empty = Set5 when present, else held-out photos
 
 

@@ -17,7 +17,7 @@ Runs the whole platform on this machine, with nothing to set up and nothing down
   8. prints a summary (bicubic vs model per scale, MACs, time) and writes a Markdown report
      with loss/PSNR plots and a visual comparison to $C2D_HOME/demo/<name>/report.md
 
-Sized for a 2-core laptop (jobs/configs/tiny.yaml, about 10-15 minutes). A second run with
+Sized for a 2-core laptop (jobs/configs/demo.yaml, under 10 minutes). A second run with
 the same --name reuses the shards, finished training stages and the finished search.
 Validation uses ../shared/data/Set5 when present (or $C2D_SHARED/data/Set5), else two of the
 images are held out.
@@ -27,13 +27,13 @@ images are held out.
 def configure(parser):
     parser.add_argument("--name", default="demo", help="run name (re-use it to resume / reuse results)")
     parser.add_argument("--images", default="", help="folder of HR training images (default: bundled photographs)")
-    parser.add_argument("--config", default="", help="base config (default: jobs/configs/tiny.yaml)")
+    parser.add_argument("--config", default="", help="base config (default: jobs/configs/demo.yaml)")
     parser.add_argument("--space", default="", help="search space (default: jobs/spaces/tiny.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable (e.g. --set pretrain.steps=100)")
     parser.add_argument("--val", default="", help="validation/benchmark folder (default: Set5 if present)")
     parser.add_argument("--no-search", dest="search", action="store_false", help="skip the Ray Tune step")
-    parser.add_argument("--search-trials", type=int, default=3, help="trials of the small search")
+    parser.add_argument("--search-trials", type=int, default=2, help="trials of the small search")
 
 
 def run(args) -> int:
