@@ -11,7 +11,7 @@ It trains what the platform trains, the way the platform trains it, with none of
 - the same step: `num_workers` batches of `batch_size` per step, whose mean loss is what DDP
   averages; query sampling (`sample_queries`, one generator per simulated rank seeded as the
   workers seed theirs), L1, the optimiser, schedule, clipping and EMA of `srplatform.train.optim`;
-  stage 2 starts from `to_discrete` with the head fitted by least squares on the first batch;
+  stage 2 starts from `to_discrete` with the head fitted by least squares on the first batches;
 - the same validation (`srplatform.train.loop.validate` on `val_pairs`).
 What differs is only the order in which samples arrive (Ray Data shuffles files and splits the
 stream between workers), so the two trainers' PSNRs should differ by run-to-run noise only.
@@ -95,8 +95,8 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
     import torch
     import torch.nn.functional as F
 
-    from c2disr.models import build_model, fit_discrete_head, to_discrete
-    from srplatform.train.loop import sample_queries, validate
+    from c2disr.models import build_model, to_discrete
+    from srplatform.train.loop import fit_head_on_batches, sample_queries, validate
     from srplatform.train.optim import EMA, build_optimizer, build_scheduler
 
     section = cfg.pretrain if kind == "pretrain" else cfg.finetune
@@ -107,7 +107,7 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
         model = build_model(m.arch, variant=m.variant, flavor=m.flavor, head="continuous",
                             overrides=m.overrides or None, head_overrides=m.head_overrides or None)
     else:
-        model = to_discrete(init, int(scale))
+        model = to_discrete(init, int(scale), residual=cfg.finetune.residual)
     data_seed = cfg.seed + (0 if kind == "pretrain" else 1000 * int(scale))
     stream = pair_stream(samples, cfg=cfg, kind=kind, scale=scale, seed=data_seed)
     samplers = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + r) for r in range(world)]
@@ -115,9 +115,9 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
     scheduler = build_scheduler(optimizer, section)
     first: list[dict[str, Any]] = []
     if kind == "finetune" and cfg.finetune.head_init == "lstsq":
-        first = [next(stream)]
-        side = cfg.data.patch * int(scale)
-        fit_discrete_head(model, first[0]["lr"], first[0]["hr"][..., :side, :side])
+        # every simulated rank's first head_fit_batches batches, as the platform's workers
+        first = list(itertools.islice(stream, cfg.finetune.head_fit_batches * world))
+        fit_head_on_batches(model, first, int(scale), cfg.data.patch, torch.device("cpu"), lambda t: t)
         stream = itertools.chain(first, stream)
     ema = EMA(model, section.ema_decay) if section.ema_decay > 0 else None
     q = cfg.data.patch * cfg.data.patch

@@ -96,9 +96,14 @@ class FinetuneSection(OptimSection):
     steps: int = 1000
     lr: float = 1e-4
     # How the fresh pixel-shuffle head starts: "lstsq" = ridge least-squares fit on the frozen
-    # stage-1 features of the first batch (starts near the continuous model's quality);
+    # stage-1 features of the first `head_fit_batches` batches of every worker (summed over
+    # workers; with the bilinear residual it starts at the continuous model's quality);
     # "random" = PyTorch's default init (the plain recipe).
     head_init: str = "lstsq"
+    head_fit_batches: int = 16
+    # The discrete model's base: "bilinear" (the continuous head's base, so the stage-1
+    # backbone keeps its job) or "none" (the published pixelshuffledirect: mean RGB only).
+    residual: str = "bilinear"
     # Learning rate of the new head's parameters relative to `lr` (the backbone keeps `lr`).
     head_lr_mult: float = 1.0
 
@@ -370,6 +375,10 @@ def validate(cfg: Config, *, source: str) -> None:
             bad(f"{name}.warmup_steps", f"must be in [0, steps], got {st.warmup_steps}")
     if cfg.finetune.head_init not in ("lstsq", "random"):
         bad("finetune.head_init", f"must be lstsq or random, got {cfg.finetune.head_init!r}")
+    if cfg.finetune.head_fit_batches < 1:
+        bad("finetune.head_fit_batches", f"must be >= 1, got {cfg.finetune.head_fit_batches}")
+    if cfg.finetune.residual not in ("bilinear", "none"):
+        bad("finetune.residual", f"must be bilinear or none, got {cfg.finetune.residual!r}")
     if not cfg.finetune.head_lr_mult > 0:
         bad("finetune.head_lr_mult", f"must be positive, got {cfg.finetune.head_lr_mult}")
     if not cfg.finetune.scales or any(s not in (2, 3, 4) for s in cfg.finetune.scales):

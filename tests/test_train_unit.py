@@ -539,11 +539,15 @@ def test_source_name_and_summary_table():
     assert source_name("s3://bucket/images/*.png") == "images"
     table = summary_table([
         StageResult(name="t/x2", kind="finetune", scale=2, steps=40, seconds=12.0,
-                    metrics={"val_x2_psnr": 30.123, "val_x2_ssim": 0.9, "val_x2_psnr_ema": 30.2},
+                    metrics={"val_x2_psnr": 30.123, "val_x2_ssim": 0.9, "val_x2_psnr_ema": 30.2,
+                             "val_x2_psnr_bicubic": 29.9},
                     model_path="/m.pt"),
         StageResult(name="t/x3", kind="finetune", scale=3, error="RuntimeError: boom"),
     ])
     assert "x2 30.12/0.9000 (ema 30.20)" in table and "FAILED: RuntimeError: boom" in table
+    header = table.splitlines()[0]
+    assert "bicubic" in header and "gain dB" in header
+    assert "x2 29.90" in table and "x2 +0.30" in table  # the gain of the EMA weights
 
 
 def test_fan_out_reports_a_failed_scale_and_finishes_the_others(monkeypatch):

@@ -83,6 +83,8 @@ __all__ = [
     "make_head_config",
     "apply_overrides",
     "to_discrete",
+    "head_fit_stats",
+    "solve_head",
     "param_groups",
     "no_decay",
     "NO_DECAY_NAMES",
@@ -183,7 +185,8 @@ def make_head_config(head: str, *, flavor: str = "light", overrides=None):
 
 
 class SRModel(nn.Module):
-    """Mean shift -> backbone -> head (+ mean, or + bilinear input for the continuous head).
+    """Mean shift -> backbone -> head (+ mean, or + the bilinear upsampling of the input for the
+    continuous head and for a discrete head with `residual="bilinear"`).
 
     Inputs are `(B, 3, h, w)` float RGB in [0, 1], any h, w. Outputs are RGB in the same range
     (not clamped: clamp/quantise at evaluation). Submodules: `backbone`, `head`.
@@ -231,7 +234,7 @@ class SRModel(nn.Module):
                     f"a discrete x{s} model outputs {(h * s, w * s)} for input {(h, w)}, not "
                     f"{tuple(out_size)}; use a continuous head for other sizes"
                 )
-            return self.head(self.features(lr)) + self.rgb_mean.to(lr.dtype)
+            return self.head(self.features(lr)) + self.base(lr)
         if out_size is None:
             raise ValueError("a continuous model needs out_size=(H, W)")
         big_h, big_w = (int(v) for v in out_size)
@@ -247,6 +250,17 @@ class SRModel(nn.Module):
         rgb = rgb.transpose(1, 2).reshape(b, 3, big_h, big_w)
         up = torch.nn.functional.interpolate(lr, size=(big_h, big_w), mode="bilinear", align_corners=False)
         return rgb + up
+
+    def base(self, lr: torch.Tensor) -> torch.Tensor:
+        """Discrete models: what the head's output is added to, `(B, 3, h*s, w*s)` or the
+        broadcastable mean RGB `(1, 3, 1, 1)` (see `DiscreteHeadConfig.residual`)."""
+        if self.continuous:
+            raise ValueError("base() is for discrete models; a continuous one adds the bilinear "
+                             "upsampling at its output size")
+        if self.head.residual == "bilinear":
+            return torch.nn.functional.interpolate(lr, scale_factor=self.head.scale, mode="bilinear",
+                                                   align_corners=False)
+        return self.rgb_mean.to(lr.dtype)
 
     def query(self, lr: torch.Tensor, coords: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Continuous heads only: RGB at `coords (B, Q, 2)` (pixel centres in [-1, 1], order
@@ -286,7 +300,8 @@ def build_model(
     head_cfg = make_head_config(head, flavor=flavor, overrides=head_overrides)
     backbone = backbone_module(arch).build_backbone(cfg)
     if head == "discrete":
-        head_mod: nn.Module = PixelShuffleDirect(in_channels=backbone.out_channels, scale=scale)
+        head_mod: nn.Module = PixelShuffleDirect(in_channels=backbone.out_channels, scale=scale,
+                                                 residual=head_cfg.residual)
     else:
         head_mod = ContinuousHead(in_channels=backbone.out_channels, cfg=head_cfg)
     spec = {
@@ -313,10 +328,16 @@ def build_from_spec(spec: Mapping[str, Any]) -> SRModel:
     return build_model(**dict(spec))
 
 
-def to_discrete(model: SRModel, scale: int) -> SRModel:
+def to_discrete(model: SRModel, scale: int, *, residual: str | None = None) -> SRModel:
     """A discrete x`scale` model with `model`'s backbone tensors copied bit-exact and a fresh
-    pixelshuffledirect head (the continuous -> discrete step of C2D-ISR)."""
-    spec = dict(model.spec, head="discrete", scale=scale, head_overrides={})
+    pixelshuffledirect head (the continuous -> discrete step of C2D-ISR).
+
+    residual: the new head's base (`DiscreteHeadConfig.residual`); default "bilinear" from a
+    continuous model (its backbone learned to predict detail over bilinear), else the source's."""
+    if residual is None:
+        residual = "bilinear" if model.continuous else model.head.residual
+    spec = dict(model.spec, head="discrete", scale=scale,
+                head_overrides={} if residual == "none" else {"residual": residual})
     out = build_from_spec(spec)
     ref = next(model.parameters(), None)
     if ref is not None:
@@ -396,6 +417,39 @@ def load_published(model: SRModel, path, *, backbone_only: bool = False) -> SRMo
 
 
 @torch.no_grad()
+def head_fit_stats(model: SRModel, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normal-equation sums of the least-squares head fit on one batch (float64):
+    `gram (D, D)` and `xty (D, 3*s*s)`, D = C*9 + 1. Sums over batches (and over ranks, by an
+    all-reduce) add up to the fit on all of them; `solve_head` turns them into weights.
+    `lr (B,3,h,w)`, `hr (B,3,h*s,w*s)`, float [0,1] RGB."""
+    if model.continuous:
+        raise ValueError("fitting a discrete head needs a discrete model (see to_discrete)")
+    s = model.head.scale
+    if hr.shape[-2:] != (lr.shape[-2] * s, lr.shape[-1] * s):
+        raise ValueError(f"hr {tuple(hr.shape[-2:])} is not x{s} of lr {tuple(lr.shape[-2:])}")
+    with torch.no_grad():
+        feats = model.features(lr).to(torch.float64)  # (B, C, h, w)
+        cols = F.unfold(feats, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major like conv
+        x = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N, C*9)
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        # The head predicts HR minus its base (mean RGB or the bilinear upsampling of lr).
+        target = F.pixel_unshuffle(hr.to(torch.float64) - model.base(lr).to(torch.float64), s)
+        y = target.flatten(2).transpose(1, 2).reshape(-1, target.shape[1])  # (N, 3*s*s)
+        return x.T @ x, x.T @ y
+
+
+def solve_head(model: SRModel, gram: torch.Tensor, xty: torch.Tensor, *, ridge: float = 1e-3) -> None:
+    """Set the pixel-shuffle conv to the ridge solution of the summed normal equations;
+    `ridge` is relative to the mean feature energy (the mean of gram's diagonal)."""
+    conv = model.head.upsample[0]
+    reg = ridge * gram.diagonal().mean()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    sol = torch.linalg.solve(gram + reg * eye, xty)
+    with torch.no_grad():
+        conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
+        conv.bias.copy_(sol[-1].to(conv.bias.dtype))
+
+
 def fit_discrete_head(model: SRModel, lr: torch.Tensor, hr: torch.Tensor, *, ridge: float = 1e-3) -> float:
     """Set a discrete model's pixel-shuffle head to the ridge least-squares fit on `(lr, hr)`.
 
@@ -403,24 +457,11 @@ def fit_discrete_head(model: SRModel, lr: torch.Tensor, hr: torch.Tensor, *, rid
     features, so with the backbone fixed its best weights have a closed form. C2D-ISR's stage 2
     starts from a well-trained backbone and a fresh head: a random head first spends many steps
     undoing its own noise (and drags the backbone with it), while the fitted one starts close
-    to the continuous model's quality. `lr (B,3,h,w)`, `hr (B,3,h*s,w*s)`, float [0,1] RGB;
-    `ridge` is relative to the mean feature energy. Returns the fit's L1 error on the batch.
-    """
-    if model.continuous:
-        raise ValueError("fit_discrete_head needs a discrete model (see to_discrete)")
-    s = model.head.scale
-    if hr.shape[-2:] != (lr.shape[-2] * s, lr.shape[-1] * s):
-        raise ValueError(f"hr {tuple(hr.shape[-2:])} is not x{s} of lr {tuple(lr.shape[-2:])}")
-    conv = model.head.upsample[0]
-    feats = model.features(lr).to(torch.float64)  # (B, C, h, w)
-    cols = F.unfold(feats, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major like conv
-    x = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N, C*9)
-    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-    target = F.pixel_unshuffle(hr.to(torch.float64) - model.rgb_mean.to(torch.float64), s)
-    y = target.flatten(2).transpose(1, 2).reshape(-1, target.shape[1])  # (N, 3*s*s)
-    gram = x.T @ x
-    reg = ridge * gram.diagonal().mean()
-    sol = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ y)
-    conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
-    conv.bias.copy_(sol[-1].to(conv.bias.dtype))
-    return float((model(lr) - hr).abs().mean())
+    to the continuous model's quality when the head keeps the continuous head's bilinear base
+    (`to_discrete`'s default). Fit on many patches: on one batch of four the fit overfits (its
+    L1 on the next batch is ~1.5x). `lr (B,3,h,w)`, `hr (B,3,h*s,w*s)`, float [0,1] RGB.
+    Returns the fit's L1 error on the batch."""
+    gram, xty = head_fit_stats(model, lr, hr)
+    solve_head(model, gram, xty, ridge=ridge)
+    with torch.no_grad():
+        return float((model(lr) - hr).abs().mean())

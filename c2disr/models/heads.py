@@ -23,9 +23,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
+DISCRETE_RESIDUALS = ("none", "bilinear")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DiscreteHeadConfig:
-    """pixelshuffledirect has no options besides the scale (given to build_model)."""
+    """pixelshuffledirect (the scale is given to build_model).
+
+    residual: what the head's output is added to. "none": the mean RGB only, as the published
+    light models (their checkpoints load into this form). "bilinear": the bilinear upsampling
+    of the input, the same base as the continuous head; C2D's stage 2 uses it so the backbone
+    keeps the job it learned in stage 1 (predicting detail over bilinear) and a head fitted on
+    its features starts at the continuous model's quality instead of ~1-2 dB below bicubic.
+    """
+
+    residual: str = "none"
+
+    def __post_init__(self):
+        if self.residual not in DISCRETE_RESIDUALS:
+            raise ValueError(f"discrete head: residual must be one of {DISCRETE_RESIDUALS}, "
+                             f"got {self.residual!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,11 +80,14 @@ HEAD_FLAVORS = {
 class PixelShuffleDirect(nn.Module):
     """`(B, C, h, w)` -> `(B, 3, h*s, w*s)`: conv3x3 to 3*s^2 channels, PixelShuffle(s)."""
 
-    def __init__(self, *, in_channels: int, scale: int, out_channels: int = 3):
+    def __init__(self, *, in_channels: int, scale: int, out_channels: int = 3, residual: str = "none"):
         super().__init__()
         if scale < 1:
             raise ValueError(f"scale must be a positive integer, got {scale}")
+        if residual not in DISCRETE_RESIDUALS:
+            raise ValueError(f"residual must be one of {DISCRETE_RESIDUALS}, got {residual!r}")
         self.scale = scale
+        self.residual = residual
         self.upsample = nn.Sequential(
             nn.Conv2d(in_channels, out_channels * scale * scale, 3, padding=1),
             nn.PixelShuffle(scale),

@@ -131,26 +131,33 @@ class PipelineResult:
 
 
 def summary_table(results: list[StageResult]) -> str:
-    """A plain-text table of stage results (what the commands print at the end)."""
-    rows = [("run", "steps", "val PSNR / SSIM", "time", "status", "model")]
+    """A plain-text table of stage results (what the commands print at the end): per scale the
+    model's validation PSNR/SSIM (and EMA PSNR), bicubic on the same images, and the gain of the
+    kept weights (EMA when on) over bicubic."""
+    rows = [("run", "steps", "val PSNR / SSIM", "bicubic", "gain dB", "time", "status", "model")]
     for r in results:
         s = r.scale
         keys = [f"val_x{s}"] if s else sorted({k.rsplit("_", 1)[0] for k in r.metrics
                                                if k.startswith("val_x") and k.endswith("_psnr")})
-        vals = []
+        vals, bics, gains = [], [], []
         for k in keys:
+            tag = k.replace("val_", "")
+            p, q = r.metrics.get(f"{k}_psnr"), r.metrics.get(f"{k}_ssim", float("nan"))
+            if p is None:
+                continue
             ema = r.metrics.get(f"{k}_psnr_ema")
-            p, q = r.metrics.get(f"{k}_psnr"), r.metrics.get(f"{k}_ssim")
-            if p is not None:
-                tag = k.replace("val_", "")
-                vals.append(f"{tag} {p:.2f}/{q:.4f}" + (f" (ema {ema:.2f})" if ema is not None else ""))
+            vals.append(f"{tag} {p:.2f}/{q:.4f}" + (f" (ema {ema:.2f})" if ema is not None else ""))
+            b = r.metrics.get(f"{k}_psnr_bicubic")
+            bics.append(f"{tag} {b:.2f}" if b is not None else "-")
+            # the gain of the weights that are kept (EMA when on)
+            gains.append(f"{tag} {(ema if ema is not None else p) - b:+.2f}" if b is not None else "-")
         status = "ok" if r.ok else f"FAILED: {r.error}"
         if r.ok and r.skipped:
             status = "ok (already done)"
         if r.ok and r.resumed_from:
             status += f" (resumed at {', '.join(map(str, r.resumed_from))})"
-        rows.append((r.name, str(r.steps), "; ".join(vals) or "-", f"{r.seconds:.0f}s", status,
-                     r.model_path or "-"))
+        rows.append((r.name, str(r.steps), "; ".join(vals) or "-", "; ".join(bics) or "-",
+                     "; ".join(gains) or "-", f"{r.seconds:.0f}s", status, r.model_path or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:
@@ -812,7 +819,8 @@ def _fan_out(cfg: Config, scales: list[int], init_from: str, *, data: DataRef, t
 def _log_parent_summary(tracker, run_id: str | None, results: dict[int, StageResult]) -> None:
     metrics = {}
     for s, r in results.items():
-        for k in (f"val_x{s}_psnr", f"val_x{s}_ssim", f"val_x{s}_psnr_ema", f"val_x{s}_ssim_ema"):
+        for k in (f"val_x{s}_psnr", f"val_x{s}_ssim", f"val_x{s}_psnr_ema", f"val_x{s}_ssim_ema",
+                  f"val_x{s}_psnr_bicubic", f"val_x{s}_gain_db", f"val_x{s}_gain_db_ema"):
             if k in r.metrics:
                 metrics[k] = r.metrics[k]
     tracker.log_metrics(run_id, metrics, step=0)

@@ -297,6 +297,33 @@ def comparison_image(lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor, scale
     return (img.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
+class BicubicBaseline(nn.Module):
+    """The dumb baseline every validation reports beside the model: MATLAB-compatible bicubic
+    upsampling of the LR input (`validate` names its metrics `val_x<s>_psnr_bicubic`)."""
+
+    continuous = True  # `upscale` passes the output size
+
+    def forward(self, lr: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        from c2disr.ops.resize import imresize
+
+        return imresize(lr.float(), size=tuple(out_size))
+
+
+BASELINE = "bicubic"
+
+
+def with_gains(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` plus `val_x<s>_gain_db` (and `_gain_db_ema`): PSNR minus the bicubic PSNR."""
+    out = dict(metrics)
+    for key, base in metrics.items():
+        if key.endswith(f"_psnr_{BASELINE}"):
+            stem = key[: -len(f"_psnr_{BASELINE}")]  # val_x2
+            for suffix in ("", "_ema"):
+                if f"{stem}_psnr{suffix}" in metrics:
+                    out[f"{stem}_gain_db{suffix}"] = metrics[f"{stem}_psnr{suffix}"] - base
+    return out
+
+
 @torch.no_grad()
 def validate(models: dict[str, nn.Module], pairs: dict[int, list], *, rank: int, world: int,
              device: torch.device, allreduce) -> tuple[dict[str, float], dict[tuple[str, int], tuple]]:
@@ -305,7 +332,8 @@ def validate(models: dict[str, nn.Module], pairs: dict[int, list], *, rank: int,
     (a function taking and returning a float64 tensor).
 
     Returns metrics `{"val_x2_psnr": ..., "val_x2_ssim": ..., "val_x2_psnr_ema": ...}` and, for
-    comparison images, the first (lr, sr, hr) this rank saw per (model, scale)."""
+    comparison images, the first (lr, sr, hr) this rank saw per (model, scale). Pass
+    `BicubicBaseline()` under the name "bicubic" for the baseline's `val_x2_psnr_bicubic`."""
     keys = [(name, s) for name in models for s in sorted(pairs)]
     sums = torch.zeros(len(keys), 3, dtype=torch.float64)
     samples: dict[tuple[str, int], tuple] = {}
@@ -349,7 +377,7 @@ def build_stage_model(cfg, stage: StageSpec) -> nn.Module:
     if not stage.init_uri:
         raise ValueError("a finetune stage needs init_uri (the stage-1 model file)")
     init = load_model_uri(stage.init_uri)
-    return to_discrete(init, int(stage.scale))
+    return to_discrete(init, int(stage.scale), residual=cfg.finetune.residual)
 
 
 def load_model_uri(uri: str) -> nn.Module:
@@ -364,6 +392,28 @@ def load_model_uri(uri: str) -> nn.Module:
         path = Path(tmp) / "model.pt"
         path.write_bytes(storage.read_bytes(uri))
         return load_model(path)
+
+
+def fit_head_on_batches(model: nn.Module, batches: list[dict[str, Any]], scale: int, patch: int,
+                        device: Any, allreduce: Any) -> float:
+    """Least-squares fit of a discrete model's head on `batches` (dicts with "lr", "hr" of
+    `(B, 3, patch, patch)` and `(B, 3, >= patch*scale, ...)`), the normal equations summed over
+    ranks by `allreduce` (float64 in, float64 out). Returns the mean L1 of the fitted model on
+    this rank's batches."""
+    from c2disr.models import head_fit_stats, solve_head
+
+    side = patch * scale
+    gram = xty = None
+    for b in batches:
+        g, x = head_fit_stats(model, b["lr"].to(device), b["hr"][..., :side, :side].to(device))
+        gram, xty = (g, x) if gram is None else (gram + g, xty + x)
+    d = gram.shape[0]
+    both = allreduce(torch.cat([gram, xty], dim=1).cpu()).to(gram.device)
+    solve_head(model, both[:, :d], both[:, d:])
+    with torch.no_grad():
+        errs = [float((model(b["lr"].to(device)) - b["hr"][..., :side, :side].to(device)).abs().mean())
+                for b in batches]
+    return sum(errs) / len(errs)
 
 
 class TrainingDiverged(RuntimeError):
@@ -532,18 +582,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     stream = batches()
 
-    # Stage 2 from scratch: fit the fresh pixel-shuffle head in closed form on this worker's
-    # first batch (DDP then broadcasts rank 0's weights); the batch is trained on as usual.
+    # Stage 2 from scratch: fit the fresh pixel-shuffle head in closed form on the frozen
+    # features of every worker's first `head_fit_batches` batches (the normal equations are
+    # summed over ranks, so every rank solves the same fit); those batches are trained on as usual.
     if state is None and stage.kind == "finetune" and cfg.finetune.head_init == "lstsq":
-        from c2disr.models import fit_discrete_head
-
-        first = next(stream)
-        s_ = int(stage.scale)
-        side = cfg.data.patch * s_
-        err = fit_discrete_head(model, first["lr"].to(device), first["hr"][..., :side, :side].to(device))
+        first = list(itertools.islice(stream, cfg.finetune.head_fit_batches))
+        err = fit_head_on_batches(model, first, int(stage.scale), cfg.data.patch, device, allreduce)
         if rank == 0:
-            say(f"head fitted by least squares on the first batch (L1 {err:.4f})")
-        stream = itertools.chain([first], stream)
+            say(f"head fitted by least squares on {len(first) * world} batches (L1 {err:.4f})")
+        stream = itertools.chain(first, stream)
     # The average starts from the weights training continues from.
     ema = EMA(model, section.ema_decay) if section.ema_decay > 0 else None
     if state is not None:
@@ -581,9 +628,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         models = {"": model}
         if ema is not None:
             models["ema"] = ema.module
+        models[BASELINE] = BicubicBaseline()
         model.eval()
         metrics, samples = validate(models, pairs, rank=rank, world=world, device=device,
                                     allreduce=allreduce)
+        metrics = with_gains(metrics)
+        samples = {k: v for k, v in samples.items() if k[0] != BASELINE}
         model.train()
         if rank == 0:
             tracker.log_metrics(run_id, metrics, step=at_step)

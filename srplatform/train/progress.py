@@ -46,6 +46,9 @@ def format_event(ev: dict[str, Any]) -> str | None:
             txt = f"x{s} {m.get(f'val_x{s}_psnr', float('nan')):.2f} dB / {m.get(f'val_x{s}_ssim', float('nan')):.4f}"
             if f"val_x{s}_psnr_ema" in m:
                 txt += f" (ema {m[f'val_x{s}_psnr_ema']:.2f} dB)"
+            if f"val_x{s}_psnr_bicubic" in m:
+                gain = m.get(f"val_x{s}_gain_db_ema", m.get(f"val_x{s}_gain_db", float("nan")))
+                txt += f" [bicubic {m[f'val_x{s}_psnr_bicubic']:.2f}, gain {gain:+.2f}]"
             parts.append(txt)
         return f"[{run}] val @{ev['step']}: " + ", ".join(parts)
     if kind == "start":
