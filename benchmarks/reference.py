@@ -10,7 +10,7 @@ It trains what the platform trains, the way the platform trains it, with none of
   MATLAB bicubic LR, flips/transposes), seeded per (seed, epoch, batch) the same way;
 - the same step: `num_workers` batches of `batch_size` per step, whose mean loss is what DDP
   averages; query sampling (`sample_queries`, one generator per simulated rank seeded as the
-  workers seed theirs), L1, the optimiser, schedule, clipping and EMA of `srplatform.train.optim`;
+  workers seed theirs), the loss (`stage_loss`), the optimiser, schedule, clipping and EMA of `srplatform.train.optim`;
   stage 2 starts from `to_discrete` with the head fitted by least squares on the first batches;
 - the same validation (`srplatform.train.loop.validate` on `val_pairs`).
 What differs is only the order in which samples arrive (Ray Data shuffles files and splits the
@@ -93,11 +93,10 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
     "history": [(step, loss)], "metrics": last validation, "val": [(step, metrics)],
     "seconds"}."""
     import torch
-    import torch.nn.functional as F
 
     from c2disr.models import build_model, to_discrete
     from srplatform.train.loop import fit_head_on_batches, sample_queries, validate
-    from srplatform.train.optim import EMA, build_optimizer, build_scheduler
+    from srplatform.train.optim import EMA, build_optimizer, build_scheduler, stage_loss
 
     section = cfg.pretrain if kind == "pretrain" else cfg.finetune
     world = cfg.resources.num_workers
@@ -145,7 +144,7 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
                 side = int(batch["hr_size"][0])
                 target = batch["hr"][..., :side, :side]
                 pred = model(batch["lr"])
-            losses.append(F.l1_loss(pred, target))
+            losses.append(stage_loss(pred, target, step=step - 1, section=section))
         loss = torch.stack(losses).mean()  # DDP averages the ranks' gradients
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -79,6 +79,8 @@ class OptimSection:
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0 = off
     ema_decay: float = 0.999  # 0 = off
+    loss: str = "l1"  # l1 | l2
+    l2_steps: int = 0  # the first steps train with L2 whatever `loss` says (see optim.stage_loss)
 
 
 @dataclass(kw_only=True)
@@ -86,6 +88,8 @@ class PretrainSection(OptimSection):
     """Stage 1: continuous-scale pretraining with the implicit head."""
 
     steps: int = 2000
+    # L1 from a zero residual stays at the bilinear base; an L2 start gets the residual going.
+    l2_steps: int = 100
 
 
 @dataclass(kw_only=True)
@@ -371,6 +375,10 @@ def validate(cfg: Config, *, source: str) -> None:
             bad(f"{name}.betas", "must be two numbers")
         if not 0 <= st.ema_decay < 1:
             bad(f"{name}.ema_decay", "must be in [0, 1)")
+        if st.loss not in ("l1", "l2"):
+            bad(f"{name}.loss", f"must be l1 or l2, got {st.loss!r}")
+        if st.l2_steps < 0:
+            bad(f"{name}.l2_steps", f"must be >= 0, got {st.l2_steps}")
         if st.warmup_steps < 0 or st.warmup_steps > max(st.steps, 0):
             bad(f"{name}.warmup_steps", f"must be in [0, steps], got {st.warmup_steps}")
     if cfg.finetune.head_init not in ("lstsq", "random"):

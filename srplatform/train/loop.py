@@ -508,7 +508,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from srplatform.config import Config
     from srplatform.tracking import Tracker
-    from srplatform.train.optim import EMA, build_optimizer, build_scheduler
+    from srplatform.train.optim import EMA, build_optimizer, build_scheduler, stage_loss
 
     cfg = Config.from_dict(config["cfg"], source="train_loop_config")
     stage = StageSpec.from_dict(config["stage"])
@@ -713,7 +713,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if pred.shape != target.shape:
                     raise ValueError(f"x{stage.scale} model output {tuple(pred.shape)} does not match "
                                      f"the HR batch {tuple(target.shape)}: data and model scales differ")
-            loss = F.l1_loss(pred.float(), target.float())
+            loss = stage_loss(pred, target, step=step, section=section)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if section.grad_clip > 0:
