@@ -134,7 +134,7 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
         return got
 
     for step in range(1, section.steps + 1):
-        losses = []
+        losses, shown = [], []
         for rank in range(world):
             batch = next(stream)
             if kind == "pretrain":
@@ -144,7 +144,9 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
                 side = int(batch["hr_size"][0])
                 target = batch["hr"][..., :side, :side]
                 pred = model(batch["lr"])
-            losses.append(stage_loss(pred, target, step=step - 1, section=section))
+            objective, l1 = stage_loss(pred, target, step=step - 1, section=section)
+            losses.append(objective)
+            shown.append(l1)
         loss = torch.stack(losses).mean()  # DDP averages the ranks' gradients
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -154,10 +156,10 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
         scheduler.step()
         if ema is not None:
             ema.update(model)
-        history.append((step, float(loss.detach())))
+        history.append((step, float(torch.stack(shown).mean())))
         if step % cfg.run.log_every == 0:
             say(f"  reference {kind}{'' if scale is None else f' x{scale}'} step {step}/{section.steps} "
-                f"loss {float(loss):.4f}")
+                f"loss {history[-1][1]:.4f}")
         if val and (step % cfg.run.val_every == 0 or step == section.steps):
             metrics = evaluate(step)
     return {"model": model, "ema": ema.module if ema is not None else model, "history": history,

@@ -597,3 +597,62 @@ def test_tracker_rejected_request_is_not_an_outage(monkeypatch):
     assert tr.call("log metrics", bad) is None
     assert tr.available and tr.call("set tags", lambda: sent.append(1) or "ok") == "ok"
     assert sent == [1] and len(said) == 1 and "log metrics failed" in said[0]
+
+
+def test_stage_loss_starts_with_l2_then_follows_the_config():
+    from srplatform.config import load_config
+    from srplatform.train.optim import stage_loss
+
+    from .conftest import REPO
+
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["pretrain.l2_steps=3"])
+    pred, target = torch.zeros(2, 5, 3, requires_grad=True), torch.full((2, 5, 3), 0.5)
+    for step, want in ((0, 0.25), (2, 0.25), (3, 0.5)):  # L2 = 0.5^2 during the first 3 steps, then L1
+        objective, shown = stage_loss(pred, target, step=step, section=cfg.pretrain)
+        assert float(objective.detach()) == pytest.approx(want)
+        assert float(shown) == pytest.approx(0.5) and not shown.requires_grad  # always the L1
+    assert cfg.finetune.l2_steps == 0 and cfg.finetune.loss == "l1"
+    two = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["finetune.loss=l2"])
+    assert float(stage_loss(pred, target, step=99, section=two.finetune)[0].detach()) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.loss=huber", "pretrain.loss must be l1 or l2"),
+    ("pretrain.l2_steps=-1", "pretrain.l2_steps must be >= 0"),
+    ("finetune.residual=bicubic", "finetune.residual must be bilinear or none"),
+    ("finetune.head_fit_batches=0", "finetune.head_fit_batches must be >= 1"),
+])
+def test_new_training_settings_are_validated(override, message):
+    from srplatform.config import ConfigError, load_config
+
+    from .conftest import REPO
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "jobs" / "configs" / "tiny.yaml", [override])
+
+
+def test_validation_reports_bicubic_and_the_gain():
+    """`validate` with the baseline gives bicubic PSNR on the same pairs; `with_gains` adds
+    model minus bicubic for the raw and EMA weights."""
+    from c2disr.metrics import psnr, quantize
+    from c2disr.ops.resize import imresize
+    from srplatform.train import loop
+
+    torch.manual_seed(0)
+    hr = torch.rand(1, 3, 16, 16)
+    lr = imresize(hr, scale=0.5).clamp(0, 1)
+    pairs = {2: [("a", lr, hr)]}
+
+    class Exact(torch.nn.Module):  # returns the HR image: infinite PSNR is clipped by measure
+        continuous = False
+
+        def forward(self, x):
+            return hr + 0.01
+
+    metrics, samples = loop.validate({"": Exact(), "bicubic": loop.BicubicBaseline()}, pairs, rank=0,
+                                     world=1, device=torch.device("cpu"), allreduce=lambda t: t)
+    want = float(psnr(quantize(imresize(lr, scale=2).clamp(0, 1)), hr, 2, y_channel=True)[0])
+    assert metrics["val_x2_psnr_bicubic"] == pytest.approx(want, abs=1e-6)
+    gains = loop.with_gains({**metrics, "val_x2_psnr_ema": metrics["val_x2_psnr"] + 1})
+    assert gains["val_x2_gain_db"] == pytest.approx(metrics["val_x2_psnr"] - want)
+    assert gains["val_x2_gain_db_ema"] == pytest.approx(gains["val_x2_gain_db"] + 1)

@@ -713,7 +713,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if pred.shape != target.shape:
                     raise ValueError(f"x{stage.scale} model output {tuple(pred.shape)} does not match "
                                      f"the HR batch {tuple(target.shape)}: data and model scales differ")
-            loss = stage_loss(pred, target, step=step, section=section)
+            loss, shown = stage_loss(pred, target, step=step, section=section)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if section.grad_clip > 0:
@@ -726,7 +726,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_step = time.perf_counter() - t0
-        window += torch.tensor([float(loss.detach()), 1.0, float(lr_b.shape[0]), t_data, t_step,
+        window += torch.tensor([float(shown), 1.0, float(lr_b.shape[0]), t_data, t_step,
                                 skipped], dtype=torch.float64)
 
         final = step >= total

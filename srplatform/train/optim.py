@@ -103,9 +103,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, section) -> torch.optim.lr
 LOSSES = ("l1", "l2")
 
 
-def stage_loss(pred: torch.Tensor, target: torch.Tensor, *, step: int, section) -> torch.Tensor:
-    """The training loss at optimizer step `step` (0-based): L2 for the first
-    `section.l2_steps` steps, then `section.loss` (L1 or L2), in float32.
+def stage_loss(pred: torch.Tensor, target: torch.Tensor, *, step: int, section
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training objective at optimizer step `step` (0-based), L2 for the first
+    `section.l2_steps` steps, then `section.loss` (L1 or L2), in float32; and the batch's L1
+    (detached), which is what progress lines and MLflow show as `loss` in every phase so the
+    curve reads the same across the switch.
 
     Why an L2 start for the continuous stage: its head starts at exactly its bilinear base (a
     zero residual), where L1's gradient is the sign of the error at every query. Most query
@@ -118,7 +121,10 @@ def stage_loss(pred: torch.Tensor, target: torch.Tensor, *, step: int, section) 
     (to ~0.01 mean absolute in 100 steps); L1 then takes over, as in the published recipe."""
     kind = "l2" if step < section.l2_steps else section.loss
     p, t = pred.float(), target.float()
-    return F.mse_loss(p, t) if kind == "l2" else F.l1_loss(p, t)
+    if kind == "l1":
+        loss = F.l1_loss(p, t)
+        return loss, loss.detach()
+    return F.mse_loss(p, t), F.l1_loss(p.detach(), t)
 
 
 class EMA:
