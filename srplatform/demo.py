@@ -32,7 +32,7 @@ REPO_SPACE = Path(__file__).resolve().parents[1] / "jobs" / "spaces" / "tiny.yam
 class DemoOptions:
     name: str = "demo"
     images: str = ""  # folder of HR images; empty = bundled sample photographs
-    config: str = ""  # base config; empty = jobs/configs/tiny.yaml
+    config: str = ""  # base config; empty = jobs/configs/demo.yaml
     space: str = ""  # search space; empty = jobs/spaces/tiny.yaml
     overrides: list[str] = field(default_factory=list)
     search: bool = True
