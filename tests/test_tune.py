@@ -280,10 +280,15 @@ def test_asha_stops_a_trial_early_and_the_budget_rejects_one(search):
     by_status = {}
     for t in search.r2.trials:
         by_status.setdefault(t.status, []).append(t)
-    assert [t.values["pretrain.lr"] for t in by_status.get("early-stopped", [])] == [0.03]
-    stopped = by_status["early-stopped"][0]
-    assert stopped.step == 2 and stopped.iterations == 1 and stopped.metric is not None
-    assert sorted(t.values["pretrain.lr"] for t in by_status["finished"]) == [1e-6, 1e-4]
+    # lr 0.03 is stopped at the first rung every time. Which of lr 1e-6 and 1e-4 is ahead after
+    # 2 steps is noise (both start at the bilinear base and learn little in 2 steps), so ASHA
+    # may stop the second of them too; the first (finished before the interruption) is kept.
+    stopped_lrs = sorted(t.values["pretrain.lr"] for t in by_status.get("early-stopped", []))
+    finished_lrs = sorted(t.values["pretrain.lr"] for t in by_status.get("finished", []))
+    assert 0.03 in stopped_lrs and 0.03 not in finished_lrs
+    assert 1e-6 in finished_lrs and sorted(stopped_lrs + finished_lrs) == [1e-6, 1e-4, 0.03]
+    for stopped in by_status["early-stopped"]:
+        assert stopped.step == 2 and stopped.iterations == 1 and stopped.metric is not None
     assert all(t.step == 4 and t.iterations == 2 for t in by_status["finished"])
     (rejected,) = by_status["rejected"]
     assert rejected.values["model.overrides.embed_dim"] == 64
