@@ -100,9 +100,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, section) -> torch.optim.lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-LOSSES = ("l1", "l2")
-
-
 def stage_loss(pred: torch.Tensor, target: torch.Tensor, *, step: int, section
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training objective at optimizer step `step` (0-based), L2 for the first
