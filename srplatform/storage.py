@@ -732,3 +732,23 @@ def local_path(uri: str | URI) -> Path | None:
     """The local path of a `file://` URI or plain path; None for object storage."""
     u = parse_uri(uri)
     return Path(u.key) if u.scheme == "file" else None
+
+
+def check_writable_folder(path: str | os.PathLike[str], what: str = "destination") -> None:
+    """Raise `UserError` (one line) unless files can be written into the local folder `path`:
+    it is a writable folder, or it does not exist yet and its nearest existing ancestor is a
+    writable folder (so it can be created). Meant to run before any work, so that a bad
+    destination fails at once instead of after the inputs were read."""
+    target = Path(os.path.abspath(os.fspath(path)))
+    anc = target
+    while not os.path.lexists(anc) and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        if not anc.exists():  # a symbolic link to nothing
+            raise UserError(f"{what} {path}: {anc} is a broken symbolic link")
+        if anc == target:
+            raise UserError(f"{what} {path} is a file, not a folder: choose a folder")
+        raise UserError(f"{what} {path} is below {anc}, which is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        where = "" if anc == target else f" ({anc} exists and cannot be written into)"
+        raise UserError(f"{what} {path} is not writable{where}: check its permissions")

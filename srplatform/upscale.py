@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from srplatform.errors import UserError
+from srplatform.storage import check_writable_folder
 
 __all__ = ["resolve_scale", "sr_forward", "tiled_query", "read_input", "write_output",
            "upscale_image", "upscale_path", "UpscaleReport", "list_inputs", "write_png16"]
@@ -348,6 +349,17 @@ def _suffixes() -> tuple[str, ...]:
     return tuple(IMAGE_SUFFIXES) + (".gif",)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True when the paths name one file: the same path after resolving `..` and symbolic
+    links (./in.png, a link to it), or, when both exist, the same inode (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # b does not exist yet
+        return False
+
+
 def list_inputs(src: str | Path, dst: str | Path) -> tuple[list[tuple[Path, Path]], list[str]]:
     """`([(input, output), ...], ignored)` for a file or a folder (see the module docstring).
     For a file, `dst` is a folder when it exists as one or ends with a path separator."""
@@ -359,11 +371,15 @@ def list_inputs(src: str | Path, dst: str | Path) -> tuple[list[tuple[Path, Path
         if out.suffix.lower() != ".png":
             raise UserError(f"{dst}: outputs are PNG files; name it *.png, or give a folder "
                             "(an existing one, or a path ending with /)")
+        if _same_file(src, out):
+            raise UserError(f"{out}: the output would overwrite the input {src}; choose another OUT")
+        check_writable_folder(out.parent, "OUT")
         return [(src, out)], []
     if not src.is_dir():
         raise UserError(f"{src}: no such file or folder")
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: exists and is not a folder (a folder input needs an output folder)")
+    check_writable_folder(dst, "OUT")
     dst_res = dst.resolve()
     pairs, ignored = [], []
     for root, dirs, files in os.walk(src):

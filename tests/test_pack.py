@@ -308,7 +308,7 @@ def test_pack_user_errors(tmp_path):
         pack(str(tmp_path), "gs://bucket/x", progress=False)
     write_files(tmp_path / "bad", {k: v[0] for k, v in bad_files().items()})
     with pytest.raises(UserError, match="no usable images") as e:
-        pack(str(tmp_path / "bad"), str(tmp_path / "out"), progress=False)
+        pack(str(tmp_path / "bad"), str(tmp_path / "out"), min_size=64, progress=False)
     assert "corrupt.png" in str(e.value)
     assert not (tmp_path / "out" / MANIFEST).exists()
     with pytest.raises(UserError, match="shard-size"):

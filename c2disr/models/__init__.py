@@ -190,7 +190,12 @@ class SRModel(nn.Module):
 
     Inputs are `(B, 3, h, w)` float RGB in [0, 1], any h, w. Outputs are RGB in the same range
     (not clamped: clamp/quantise at evaluation). Submodules: `backbone`, `head`.
+
+    `scale_range`: `(min, max)` of the scales a continuous model was trained on, when known
+    (recorded in model files by `c2disr.evaluate.save_model`); None otherwise.
     """
+
+    scale_range: tuple[float, float] | None = None
 
     def __init__(self, *, backbone: nn.Module, head: nn.Module, spec: dict, backbone_config, head_config):
         super().__init__()

@@ -22,10 +22,12 @@ AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, AWS_REGION, else the local stack (`c2
 Credentials are never taken on the command line.
 
 Examples:
-  c2d data pack ../shared/data/T91 s3://c2d/t91 --min-size 96
+  c2d data pack ../shared/data/T91 s3://c2disr/t91
   c2d data pack '/data/DIV2K/*.png' file:///data/shards/div2k --shard-size-mb 256
-  c2d data info s3://c2d/t91
-  c2d data preview s3://c2d/t91 --out /tmp/pairs --patch 48 --scale 4
+  c2d data info s3://c2disr/t91
+  c2d data preview s3://c2disr/t91 --out /tmp/pairs --patch 48 --scale 4
+
+(s3://c2disr is the bucket of the local stack, `c2d stack up`.)
 """
 
 PACK_DESCRIPTION = """\
@@ -36,7 +38,9 @@ SRC: a folder (searched recursively), a quoted glob ('/data/**/*.png'), an s3://
 file. Formats: png, jpg/jpeg, webp, bmp, tif/tiff, any bit depth and mode. PNG and JPEG are
 stored byte for byte; other formats are transcoded losslessly to PNG. Every image is decoded
 fully: corrupt, truncated and non-image files, and images whose shorter side is under
---min-size, are skipped and listed in the manifest.
+--min-size, are skipped and listed in the manifest; the summary warns when more than 5% of the
+inputs were dropped. Symbolic links are followed, but a folder link back into SRC (a loop) and a
+second name of a file already packed are left out and counted in the manifest.
 
 Re-running the same pack finds the complete output and does nothing. An interrupted pack
 resumes after its last completed shard (shards are committed atomically; a resume record at
@@ -57,6 +61,8 @@ def _settings(args) -> dict | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from srplatform.data.pack import DEFAULT_MIN_SIZE
+
     fmt = parser.formatter_class
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", title="actions")
 
@@ -66,9 +72,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dest", metavar="DEST", help="file:///path, s3://bucket/prefix or a path")
     p.add_argument("--shard-size-mb", type=float, default=64.0,
                    help="cap on each shard's size in MB")
-    p.add_argument("--min-size", type=int, default=192,
-                   help="skip images whose shorter side is below this many pixels: the "
-                        "largest HR patch you will train with, round(patch * scale_max)")
+    p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
+                   help="skip images whose shorter side is below this many pixels. The default "
+                        f"({DEFAULT_MIN_SIZE}) is the smallest HR crop any training can cut "
+                        "(data.patch >= 4 at scale >= 1), so a pack serves every setting; "
+                        "training skips and counts the images too small for the scale a batch "
+                        "draws (the skipped_samples metric)"),
     p.add_argument("--min-shards", type=int, default=8,
                    help="also cap samples per shard at ceil(files / N), so small sets still "
                         "give enough shards for parallel reading")

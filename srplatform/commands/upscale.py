@@ -31,7 +31,8 @@ Input kinds are handled explicitly:
 
 Corrupt or undecodable image files are skipped, counted and listed at the end.
 Exit status: 0 all images written; 1 some inputs were skipped as corrupt (the rest are written);
-2 usage errors (bad model, path, scale or tile).
+2 usage errors (bad model, path, scale or tile; an OUT that is IN itself,
+lies below a file or is not writable), reported before any image is read.
 
 Tracking server (for models:/ and runs:/): --tracking-uri, else $MLFLOW_TRACKING_URI, else the
 running local stack (`c2d stack up`).
@@ -80,11 +81,12 @@ def run(args) -> int:
 
     from srplatform.errors import UserError
     from srplatform.mlmodel import load_sr_model
-    from srplatform.upscale import upscale_path
+    from srplatform.upscale import list_inputs, upscale_path
 
     src = Path(args.input)
     if not src.exists():
         raise UserError(f"{src}: no such file or folder")
+    list_inputs(src, args.output)  # inputs and OUT are checked before the model is loaded
     device = _device(args.device)
     uri = args.model
     if uri.startswith(("models:/", "runs:/")):

@@ -18,8 +18,8 @@ Stored bytes: PNG and JPEG files are stored byte for byte (no quality loss, no r
 cost, any bit depth or mode; the readers apply `srplatform.data.images` rules). Other formats
 (WebP, BMP, TIFF) are transcoded losslessly to PNG of their decoded pixels, so readers need
 only PNG and JPEG. Every image is decoded fully at pack time; corrupt, truncated, non-image and
-too-small (`min_size`, the largest HR patch side you will train with) files are skipped and
-listed per file with the reason in the manifest.
+too-small (under `min_size`, by default the smallest HR crop any training can cut) files are
+skipped and listed per file with the reason in the manifest.
 
 Idempotent and resumable: the manifest records a fingerprint of the inputs (relative names,
 sizes, modification times) and the options; re-running with the same ones finds the complete
@@ -41,6 +41,7 @@ import math
 import os
 import posixpath
 import re
+import stat as stat_mod
 import sys
 import tempfile
 import time
@@ -59,6 +60,13 @@ FORMAT = "c2disr-webdataset/1"
 MANIFEST = "manifest.json"
 STATE = "_pack_state.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
+# The default --min-size: the smallest HR crop any training run can cut. A crop is
+# round(data.patch * s) pixels with data.patch >= 4 (srplatform.config) and s >= 1, so a smaller
+# image fits no crop at all. A pack keeps every other image: it does not depend on one training
+# setting; at run time each batch skips (and counts) the images too small for its scale.
+DEFAULT_MIN_SIZE = 4
+# The pack summary warns when more than this fraction of the inputs was dropped.
+DROPPED_WARN_FRACTION = 0.05
 _GLOB_CHARS = set("*?[")
 _TAR_BLOCK = 512
 
@@ -87,13 +95,85 @@ def _split_glob(pattern: str) -> tuple[str, str]:
     return pattern, ""
 
 
+@dataclass
+class LinkSkips:
+    """What a local listing left out because of symbolic links: folder links that lead back
+    into a folder already on the walk (`loops`, relative names), and files that are the same
+    file as one already listed (`duplicates`, `(name, kept name)`), e.g. a link to it."""
+
+    loops: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _walk_local(root: str, skips: LinkSkips) -> list[tuple[str, os.stat_result]]:
+    """`[(path, stat)]` of the files under the local folder `root`, following symbolic links
+    but never into a folder that is already on the current walk (a loop). Hidden names are
+    left out, as `storage.list_files` does."""
+    found: list[tuple[str, os.stat_result]] = []
+
+    def visit(folder: str, chain: frozenset) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise UserError(f"cannot list {folder}: {exc.strerror or exc}") from None
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                st = os.stat(e.path)  # follows links; a dangling link raises
+            except OSError:
+                continue
+            if stat_mod.S_ISDIR(st.st_mode):
+                ident = (st.st_dev, st.st_ino)
+                if ident in chain:
+                    skips.loops.append(os.path.relpath(e.path, root))
+                    continue
+                visit(e.path, chain | {ident})
+            elif stat_mod.S_ISREG(st.st_mode):
+                found.append((e.path, st))
+
+    top = os.stat(root)
+    visit(root, frozenset({(top.st_dev, top.st_ino)}))
+    return found
+
+
+def _unique_files(paths: list[tuple[str, os.stat_result]], root: str,
+                  skips: LinkSkips) -> list[Source]:
+    """One `Source` per distinct file (device, inode): of several names for the same file the
+    one reached without symbolic links is kept (then the shallower, then the first by name)."""
+
+    def rank(item: tuple[str, os.stat_result]) -> tuple:
+        path = item[0]
+        rel = os.path.relpath(path, root)
+        return (os.path.realpath(path) != os.path.abspath(path), rel.count(os.sep), rel)
+
+    by_file: dict[tuple[int, int], list[tuple[str, os.stat_result]]] = collections.defaultdict(list)
+    for item in paths:
+        by_file[(item[1].st_dev, item[1].st_ino)].append(item)
+    out = []
+    for group in by_file.values():
+        group.sort(key=rank)
+        keep, st = group[0]
+        keep_rel = os.path.relpath(keep, root)
+        out.append(Source("file://" + os.path.abspath(keep), keep_rel, st.st_size, st.st_mtime_ns))
+        skips.duplicates.extend((os.path.relpath(p, root), keep_rel) for p, _ in group[1:])
+    skips.duplicates.sort()
+    return sorted(out, key=lambda s: s.rel)
+
+
 def list_sources(
-    src: str, settings: storage.S3Settings | Mapping[str, Any] | None = None
+    src: str, settings: storage.S3Settings | Mapping[str, Any] | None = None,
+    skips: LinkSkips | None = None,
 ) -> list[Source]:
     """Every file under SRC (a folder, a glob, an `s3://` prefix, optionally with a glob, or
-    one file), sorted by relative name. Raises `UserError` when nothing is there."""
+    one file), sorted by relative name. Raises `UserError` when nothing is there.
+
+    Local folders are walked following symbolic links, except links back into a folder already
+    on the walk (loops), and each file is listed once however many names reach it; what was
+    left out that way is recorded in `skips`."""
     text = os.fspath(src)
     is_glob = bool(_GLOB_CHARS & set(text))
+    skips = skips if skips is not None else LinkSkips()
     if "://" not in text or text.startswith("file://"):
         u = storage.parse_uri(text)
         if is_glob:
@@ -102,21 +182,17 @@ def list_sources(
             if not hits:
                 raise UserError(f"the pattern {text!r} matched no files: check it (quote it "
                                 "so your shell does not expand it)")
-            out = []
-            for p in hits:
-                st = os.stat(p)
-                out.append(Source("file://" + os.path.abspath(p), os.path.relpath(p, root),
-                                  st.st_size, st.st_mtime_ns))
-            return out
-        entries = storage.list_files(u, allow_empty=True)
-        if not entries:
+            return _unique_files([(p, os.stat(p)) for p in hits], root or ".", skips)
+        if os.path.isfile(u.key):
+            st = os.stat(u.key)
+            return [Source("file://" + os.path.abspath(u.key), os.path.basename(u.key),
+                           st.st_size, st.st_mtime_ns)]
+        if not os.path.isdir(u.key):
+            raise UserError(f"folder {u.key} does not exist: check the path")
+        out = _unique_files(_walk_local(u.key, skips), u.key, skips)
+        if not out:
             raise UserError(f"no files under {u}: check the folder")
-        root = u.key if not storage.is_file(u) else os.path.dirname(u.key)
-        return [
-            Source(e.uri, os.path.relpath(storage.parse_uri(e.uri).key, root), e.size,
-                   e.mtime_ns)
-            for e in entries
-        ]
+        return out
     u = storage.parse_uri(text)  # s3 (or an unknown scheme: parse_uri raises)
     if is_glob:
         prefix, pattern = _split_glob(u.key)
@@ -215,8 +291,7 @@ def _check(source: Source, key: str, min_size: int, settings: Any) -> Checked:
     del arr
     if min(h, w) < min_size:
         return Checked(source, key, read_bytes=len(data),
-                       skip=f"too small: {w}x{h} is under --min-size {min_size} "
-                            "(the largest HR patch side)")
+                       skip=f"too small: {w}x{h} is under --min-size {min_size}")
     payload, ext, transcoded = storable(data, probe)
     meta = {
         "source": source.rel,
@@ -391,7 +466,7 @@ def pack(
     dest: str,
     *,
     shard_size_mb: float = 64.0,
-    min_size: int = 192,
+    min_size: int = DEFAULT_MIN_SIZE,
     min_shards: int = 8,
     settings: storage.S3Settings | Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -405,8 +480,9 @@ def pack(
         glob) or one file. Formats png, jpg/jpeg, webp, bmp, tif/tiff; any bit depth and mode.
     dest: `file://...`, `s3://bucket/prefix` or a plain local path.
     shard_size_mb: the cap on a shard's size (a single larger image gets a shard of its own).
-    min_size: images whose shorter side is below this are skipped (use the largest HR patch
-        side you will train with, round(patch * scale_max); 192 = 48 x 4).
+    min_size: images whose shorter side is below this are skipped (default
+        `DEFAULT_MIN_SIZE`, the smallest crop any training can cut: a pack serves every
+        setting, and training skips and counts what is too small for the scale it drew).
     min_shards: also cap samples per shard at ceil(inputs / min_shards), so small sets still
         give enough shards for parallel reading.
     overwrite: replace a complete pack of different inputs at `dest` (else `UserError`).
@@ -427,12 +503,15 @@ def pack(
     dest = str(dest_u)
     # Resolve S3 settings once (env, stack state), not once per object read.
     settings = storage.resolve_settings(settings)
+    if dest_u.scheme == "file":  # before any input is read: a bad DEST fails at once
+        storage.check_writable_folder(dest_u.key, "DEST")
     if dest_u.scheme == "s3":
         if create_bucket:
             storage.create_bucket(dest_u, settings)
         storage.check_bucket(dest_u, settings)
 
-    sources = list_sources(src, settings)
+    links = LinkSkips()
+    sources = list_sources(src, settings, links)
     keys = assign_keys([s.rel for s in sources])
     sources.sort(key=lambda s: keys[s.rel])
     params = {"shard_size_mb": float(shard_size_mb), "min_size": int(min_size),
@@ -579,6 +658,11 @@ def pack(
         "images": _summarise([sh["stats"] for sh in shards]),
         "skipped_count": len(skipped),
         "skipped": skipped,
+        # Not inputs at all: folder links back into the walk, and second names of one file.
+        "symlink_loops_skipped": len(links.loops),
+        "symlink_loops": links.loops,
+        "duplicates_skipped": len(links.duplicates),
+        "duplicates": [{"source": a, "same_as": b} for a, b in links.duplicates],
     }
     storage.write_bytes(storage.join(dest, MANIFEST),
                         json.dumps(manifest, indent=1).encode(), settings)
@@ -607,6 +691,17 @@ def summary(manifest: Mapping[str, Any]) -> str:
         f"  options     {manifest.get('params')}",
         f"  skipped     {manifest.get('skipped_count')}",
     ]
+    loops, dups = manifest.get("symlink_loops_skipped", 0), manifest.get("duplicates_skipped", 0)
+    if loops or dups:
+        lines.insert(2, f"  links       not packed: {loops} symlink loop(s) (folder links back "
+                        f"into SRC), {dups} duplicate name(s) of the same file")
+    inputs, dropped = int(manifest.get("inputs") or 0), int(manifest.get("skipped_count") or 0)
+    if inputs and dropped > DROPPED_WARN_FRACTION * inputs:
+        small = sum(1 for sk in manifest.get("skipped", []) if sk["reason"].startswith("too small"))
+        hint = (f"; {small} too small for --min-size "
+                f"{manifest.get('params', {}).get('min_size')} (lower it to keep them)" if small else "")
+        lines.append(f"  WARNING     {dropped} of {inputs} inputs ({dropped / inputs:.0%}) were "
+                     f"dropped{hint}")
     for sk in manifest.get("skipped", [])[:20]:
         lines.append(f"    {sk['source']}: {sk['reason']}")
     if manifest.get("skipped_count", 0) > 20:

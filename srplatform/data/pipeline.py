@@ -28,7 +28,9 @@ Output columns (fixed shapes, so rows of batches with different scales stack):
                                    member, or smaller than S), counted on the batch's first row
                                    and 0 elsewhere: summing the column over everything consumed
                                    gives the number of dropped samples. A batch whose samples
-                                   are all bad emits no row; its drops are logged as a warning.
+                                   are all bad emits no row; its drops are added to the next
+                                   batch of its block that emits one (and logged as a warning).
+                                   Training logs the running sum as `skipped_samples`.
     epoch    int32   (N,)          the epoch the row belongs to
 
 Randomness: each batch draws from `numpy.random.SeedSequence([seed, epoch, block_id])` where
@@ -130,11 +132,14 @@ def make_pairs(
     epoch: int = 0,
     crop_index: int = 0,
     quantize_lr: bool = True,
+    counts: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """One batch of raw samples -> LR/HR pairs (see the module docstring for the columns).
 
     batch: columns "key" (str), "image" (bytes) and optionally "url" (str), as produced by
         `normalise_sample`; numpy arrays or lists.
+    counts: if given, `counts["skipped"]` is set to the number of samples dropped, also when
+        all were dropped and there is no row to carry the count.
     """
     import torch
 
@@ -184,6 +189,8 @@ def make_pairs(
 
     if bad and not crop_index:  # extra crops of an epoch meet the same samples again
         log.warning("skipped %d of %d samples: %s", len(bad), n, "; ".join(bad[:8]))
+    if counts is not None:
+        counts["skipped"] = len(bad)
     m = len(crops)
     hr_out = np.zeros((m, 3, big, big), dtype=np.float32)
     lr_out = np.zeros((m, 3, patch, patch), dtype=np.float32)
@@ -229,14 +236,23 @@ class _PairTask:
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
         n = len(block["key"])
+        # Drops of a batch that emits no row (every sample bad, or smaller than the HR patch of
+        # the scale it drew) are carried to the next batch that does, so that the `skipped`
+        # column still counts them; only drops after the block's last emitted row are left to
+        # make_pairs' warning.
+        pending = 0
         # Crop-major: the block's batches once per crop, so repeats of an image are far apart.
         for crop in range(self.crops):
             for start in range(0, n, self.batch_size):
                 part = {k: v[start : start + self.batch_size] for k, v in block.items()}
-                out = make_pairs(part, crop_index=crop, **self.options)
+                counts: dict[str, int] = {}
+                out = make_pairs(part, crop_index=crop, counts=counts, **self.options)
+                if not crop:  # a bad sample is counted once, on crop 0
+                    pending += counts.get("skipped", 0)
                 if len(out["lr"]):
-                    if crop:
-                        out["skipped"][:] = 0  # a bad sample is counted once, on crop 0
+                    out["skipped"][:] = 0
+                    out["skipped"][0] = pending
+                    pending = 0
                     yield out
 
 
@@ -397,11 +413,15 @@ def _warn_min_size(uri: str, settings: Any, patch: int, scale_max: float) -> Non
         return
     packed_min = int(manifest.get("params", {}).get("min_size", 0))
     need = hr_patch_max(patch, scale_max)
-    if packed_min < need:
+    images = manifest.get("images", {})
+    smallest = min(int(images.get("width", {}).get("min", 0) or 0),
+                   int(images.get("height", {}).get("min", 0) or 0))
+    if packed_min < need and smallest < need:
         log.warning(
-            "%s was packed with min_size=%d but the largest HR patch is %d: images with a "
-            "side under %d are dropped at large scales (counted in the `skipped` column)",
-            uri, packed_min, need, need,
+            "%s holds images with a side of %d, under the largest HR patch (%d): each batch "
+            "skips the images too small for the scale it drew (counted in the `skipped` "
+            "column; training logs the sum as skipped_samples)",
+            uri, smallest, need,
         )
 
 
