@@ -28,6 +28,7 @@ COMMANDS = [
     "eval",
     "promote",
     "upscale",
+    "serve",
     "submit",
     "jobs",
     "model",

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 from srplatform.errors import UserError
 
 # Jobs `c2d submit` accepts; each is `jobs/<name>.py`. `selfcheck` verifies a cluster setup.
-JOBS = ("pipeline", "pretrain", "finetune", "tune", "eval", "promote", "upscale", "selfcheck")
+JOBS = ("pipeline", "pretrain", "finetune", "tune", "eval", "promote", "upscale", "serve", "selfcheck")
 
 DASHBOARD_PORT = 8265
 

@@ -12,8 +12,10 @@ Submit JOB to a Ray cluster. The cluster runs `python -m jobs.JOB [--config REL]
 .git, benchmarks/results and caches), so a submitted job runs the same code as the same local
 `c2d JOB ...` call. Arguments after `--` are passed to the job unchanged.
 
-JOB: pipeline, pretrain, finetune, tune, eval, promote, upscale, or selfcheck (reports what a
-job sees on the cluster: config, forwarded variables, GPUs, cluster resources).
+JOB: pipeline, pretrain, finetune, tune, eval, promote, upscale, serve (`c2d serve ... --foreground`
+on the cluster: the job runs while the app serves; `c2d jobs stop ID` deletes the app), or
+selfcheck (reports what a job sees on the cluster: config, forwarded variables, GPUs, cluster
+resources).
 
 Config: a file inside the project travels with the upload (its relative path is used); a file
 outside it is copied into the upload for you. `--config`/`--set` are checked locally first,
@@ -40,7 +42,8 @@ Examples:
   c2d submit pipeline --config jobs/configs/swinir_l.yaml --address http://127.0.0.1:8265
   c2d submit pretrain --config my.yaml --set pretrain.steps=1000 --follow
   c2d submit eval --gpus 1 -- --model runs:/RUN_ID/model --data Set5 --scales 2 3 4
-  c2d submit selfcheck --gpus 1 --follow -- --expect-gpus 1"""
+  c2d submit selfcheck --gpus 1 --follow -- --expect-gpus 1
+  c2d submit serve -- models:/c2disr-swinir_l-c2d-x4@champion --host 0.0.0.0 --gpus 1"""
 
 
 class _DashDashParser(argparse.ArgumentParser):
