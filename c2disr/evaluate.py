@@ -257,15 +257,18 @@ def evaluate_folder(
         progress: called after each image as `progress(index, count, row)`.
 
     Returns:
-        `{"folder", "scale", "crop_border", "psnr", "ssim", "count", "ignored_files", "seconds",
-        "images": [{"name", "height", "width", "gray", "psnr", "ssim", "seconds"}, ...]}`; psnr and
-        ssim are means over the images (of `psnr`, `ssim` as floats); height/width are the
-        cropped HR size.
+        `{"folder", "scale", "crop_border", "psnr", "ssim", "count", "total", "skipped",
+        "ignored_files", "seconds", "images": [{"name", "height", "width", "gray", "psnr", "ssim",
+        "seconds"}, ...]}`; psnr and ssim are means over the `count` measured images (of `psnr`,
+        `ssim` as floats); height/width are the cropped HR size. `skipped` lists the image files
+        that could not be measured (unreadable, or smaller than `scale`) as `{"name", "reason"}`;
+        `total` = count + len(skipped). A mean over fewer images than the set holds is not
+        comparable to published numbers: callers must show `count` of `total` when skipped.
 
     Raises:
-        FileNotFoundError / ValueError naming the folder or image (unreadable image, wrong output
-        shape, non-finite output). A benchmark mean over fewer images than the set holds would
-        not be comparable, so no image is skipped.
+        FileNotFoundError / ValueError naming the folder or image: no image measured at all, or a
+        wrong output shape or non-finite output of `upscale_fn` (a fault of the model, not of
+        the image).
     """
     folder = Path(folder)
     files = list_images(folder)
@@ -274,10 +277,16 @@ def evaluate_folder(
     border = scale if crop_border is None else int(crop_border)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     rows: list[dict] = []
+    skipped: list[dict] = []
     t_start = time.perf_counter()
     for i, path in enumerate(files):
-        hr_img, info = read_image(path)
-        lr, hr = make_pair(hr_img.unsqueeze(0), scale, quantize_lr=quantize_lr)
+        try:
+            hr_img, info = read_image(path)
+            lr, hr = make_pair(hr_img.unsqueeze(0), scale, quantize_lr=quantize_lr)
+        except (FileNotFoundError, ValueError) as exc:  # this image only: skip and count it
+            why = str(exc)
+            skipped.append({"name": path.name, "reason": why if path.name in why else f"{path.name}: {why}"})
+            continue
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = upscale_fn(lr.to(dev))
@@ -311,6 +320,9 @@ def evaluate_folder(
         rows.append(row)
         if progress is not None:
             progress(i, len(files), row)
+    if not rows:
+        raise ValueError(f"{folder}: none of its {len(files)} images could be measured at x{scale} ("
+                         + "; ".join(s["reason"] for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "") + ")")
     return {
         "folder": str(folder),
         "scale": int(scale),
@@ -320,6 +332,8 @@ def evaluate_folder(
         "psnr": float(np.mean([r["psnr"] for r in rows])),
         "ssim": float(np.mean([r["ssim"] for r in rows])),
         "count": len(rows),
+        "total": len(files),
+        "skipped": skipped,
         "ignored_files": ignored,
         "seconds": time.perf_counter() - t_start,
         "images": rows,
@@ -330,10 +344,14 @@ def evaluate_folder(
 _CKPT_KEYS = ("spec", "state_dict")
 
 
-def save_model(path: str | Path, model: torch.nn.Module) -> Path:
+def save_model(path: str | Path, model: torch.nn.Module, *,
+               scale_range: tuple[float, float] | None = None) -> Path:
     """Write `{"spec": model.spec, "state_dict": model.state_dict()}` to `path` (torch.save).
 
     `model.spec` is the plain dict `c2disr.models.build_from_spec` rebuilds the architecture from.
+    `scale_range`: the `(min, max)` scales a continuous model was trained on (default: the
+    model's own `scale_range` attribute, set by `load_model`), stored as `"scale_range"` so
+    that upscaling outside it can warn; omitted when unknown.
     """
     spec = getattr(model, "spec", None)
     if not isinstance(spec, dict):
@@ -344,7 +362,15 @@ def save_model(path: str | Path, model: torch.nn.Module) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"spec": dict(spec), "state_dict": state}, path)
+    ckpt = {"spec": dict(spec), "state_dict": state}
+    if scale_range is None:
+        scale_range = getattr(model, "scale_range", None)
+    if scale_range is not None:
+        lo, hi = (float(x) for x in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"save_model: scale_range must be (min, max) with 0 < min <= max, got {scale_range}")
+        ckpt["scale_range"] = [lo, hi]
+    torch.save(ckpt, path)
     return path
 
 
@@ -384,5 +410,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match its spec {ckpt['spec']}: {exc}") from exc
+    rng = ckpt.get("scale_range")
+    # (min, max) scales of the training of a continuous model; None when the file does not say
+    model.scale_range = (float(rng[0]), float(rng[1])) if isinstance(rng, (list, tuple)) and len(rng) == 2 else None
     return model.to(map_location).eval()
 

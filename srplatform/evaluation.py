@@ -360,6 +360,10 @@ def format_table(report: dict) -> str:
             r = by.get((name, s))
             cells.append(f"{r['psnr']:.2f} / {r['ssim']:.4f}" if r else "-")
         lines.append((f"{name:<{width}}  " + "  ".join(f"{c:<16}" for c in cells)).rstrip())
+    for r in report["results"]:
+        if r.get("skipped"):
+            lines.append(f"  {r['set']} x{r['scale']}: measured {r['count']} of {r['total']} images; "
+                         f"skipped {', '.join(s['name'] for s in r['skipped'])}")
     lines.append("(PSNR dB / SSIM on Y, border = scale, LR = MATLAB bicubic of HR)")
     return "\n".join(lines)
 

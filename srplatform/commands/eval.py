@@ -11,7 +11,10 @@ DESCRIPTION = HELP + """
 Makes LR inputs from each HR image the way published tables do (crop to a multiple of the scale,
 MATLAB bicubic downscale, rounded to uint8), upscales them with --model, and measures PSNR and
 SSIM on the BT.601 Y channel of the uint8-rounded output with `scale` border pixels removed.
-Prints a set x scale table on stdout and per-image progress on stderr.
+Prints a set x scale table on stdout and per-image progress on stderr. An image that cannot be
+measured (unreadable, or smaller than the scale) is skipped and named; the table then says how
+many images each mean is over, and the exit status is 1 (0 when every image was measured,
+2 for usage errors).
 
 --model:
   bicubic                      MATLAB bicubic upscaling (the published baseline)
@@ -72,6 +75,9 @@ def run(args) -> int:
         progress=None if args.quiet else ev.progress_printer(),
     )
     print(ev.format_table(report), flush=True)
+    skipped = [(r["set"], r["scale"], s) for r in report["results"] for s in r.get("skipped", [])]
+    for set_name, scale, s in skipped:
+        print(f"skipped [{set_name} x{scale}] {s['reason']}", file=sys.stderr)
     if args.json_path:
         path = ev.write_json(report, args.json_path)
         print(f"wrote {path}", file=sys.stderr)
@@ -80,4 +86,4 @@ def run(args) -> int:
         run_id = ev.log_report(report, uri, experiment=args.experiment)
         if run_id:
             print(f"logged to MLflow run {run_id} (experiment {args.experiment})", file=sys.stderr)
-    return 0
+    return 1 if skipped else 0
