@@ -188,13 +188,49 @@ VARIANTS = ("plain", "hit", "c2d")
 FLAVORS = ("light", "tiny")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping holding the same key twice (PyYAML's own loaders
+    keep the last value silently, so a repeated key would quietly override the first)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are not keys
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in first:
+                raise _DuplicateKey(f"duplicate key {key!r} on line {line} (first on line {first[key]})")
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        first[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_yaml(path: Path, error: type[Exception], what: str, samples: str) -> Any:
     """The parsed content of a YAML file (None when empty); `error` names the file when it is
-    missing ("`what` <path> does not exist (see `samples` for samples)") or not valid YAML."""
+    missing ("`what` <path> does not exist (see `samples` for samples)"), not UTF-8 text, or
+    not valid YAML (a key repeated in one mapping included, with its line)."""
     if not path.is_file():
         raise error(f"{what} {path} does not exist (see {samples} for samples)")
+    raw = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise error(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}): "
+                    "save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML: {exc}") from None
 

@@ -23,8 +23,10 @@ Examples:
 
 
 def configure(parser):
+    fmt = parser.formatter_class  # keeps the example lines as written (no re-wrapping)
     sub = parser.add_subparsers(dest="model_command", metavar="SUBCOMMAND", title="subcommands")
-    info = sub.add_parser("info", help="parameters and MACs of one configuration", description=DESCRIPTION)
+    info = sub.add_parser("info", help="parameters and MACs of one configuration", description=DESCRIPTION,
+                          formatter_class=fmt)
     info.add_argument("--arch", required=True, help="architecture (see `c2d model list`)")
     info.add_argument("--variant", default="plain", help="plain | hit | c2d")
     info.add_argument("--flavor", default="light", help="light (published size) | tiny")
@@ -34,7 +36,10 @@ def configure(parser):
     )
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    lst = sub.add_parser("list", help="architectures, variants, flavors and heads in the registry")
+    lst = sub.add_parser("list", help="architectures, variants, flavors and heads in the registry",
+                         description="List the architectures, variants, flavors and heads that "
+                                     "`c2d model info` and the training configs accept.",
+                         formatter_class=fmt)
     lst.add_argument("--json", action="store_true", help="print JSON")
     imp = sub.add_parser(
         "import", help="convert an official checkpoint into a c2disr model file",
@@ -42,7 +47,8 @@ def configure(parser):
                     "HiT-SR; keys under `params_ema` or `params`) with a strict key mapping and "
                     "weights_only=True, and save it as a c2disr model file that `c2d eval`, `c2d upscale` "
                     "and `c2d finetune --from` accept.\n\n  c2d model import --arch mambairv2_l --scale 2 "
-                    "mambairv2_lightSR_x2.pth mambairv2_x2.pt\n  c2d eval --model mambairv2_x2.pt --data Set5 --scales 2")
+                    "mambairv2_lightSR_x2.pth mambairv2_x2.pt\n  c2d eval --model mambairv2_x2.pt --data Set5 --scales 2",
+        formatter_class=fmt)
     imp.add_argument("checkpoint", help="the official .pth file")
     imp.add_argument("output", help="where to write the c2disr model file (.pt)")
     imp.add_argument("--arch", required=True, help="architecture (see `c2d model list`)")

@@ -41,7 +41,7 @@ was STOPPED.
 Examples:
   c2d submit pipeline --config jobs/configs/swinir_l.yaml --address http://127.0.0.1:8265
   c2d submit pretrain --config my.yaml --set pretrain.steps=1000 --follow
-  c2d submit eval --gpus 1 -- --model runs:/RUN_ID/model --data Set5 --scales 2 3 4
+  c2d submit eval --gpus 1 -- --model runs:/RUN_ID/model --data Set5 --scales 2,3,4
   c2d submit selfcheck --gpus 1 --follow -- --expect-gpus 1
   c2d submit serve -- models:/c2disr-swinir_l-c2d-x4@champion --host 0.0.0.0 --gpus 1"""
 
