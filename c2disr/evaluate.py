@@ -382,9 +382,13 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    from c2disr.models.checkpoints import load_weights_only
+
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, non-tensor objects
+        ckpt = load_weights_only(path, map_location)
+    except ValueError:  # non-tensor objects: refused, with the reason
+        raise
+    except Exception as exc:  # truncated or foreign files
         raise ValueError(
             f"{path}: cannot be read as a weights-only torch checkpoint ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from srplatform.errors import UserError
@@ -75,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader that went away shows here, not in Python's exit flush
+    except BrokenPipeError:
+        # `c2d ... | head`: the reader has what it wanted. Stop quietly, as `ls | head` does;
+        # stdout goes to /dev/null so that the exit flush of what is left cannot fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a command its pipe cut off
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

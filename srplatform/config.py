@@ -12,6 +12,7 @@ naming the key and the file, so a typo in a YAML file fails at once instead of b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -441,3 +442,32 @@ def validate(cfg: Config, *, source: str) -> None:
         bad("run.keep_checkpoints", "must be at least 1")
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         bad("name", f"must be a non-empty name without slashes or spaces, got {cfg.name!r}")
+    problem = model_problem(cfg.model.arch, cfg.model.variant, cfg.model.flavor,
+                            json.dumps(cfg.model.overrides, sort_keys=True, default=str),
+                            json.dumps(cfg.model.head_overrides, sort_keys=True, default=str))
+    if problem:
+        given = ", ".join([f"model.overrides.{k}={v!r}" for k, v in cfg.model.overrides.items()]
+                          + [f"model.head_overrides.{k}={v!r}" for k, v in cfg.model.head_overrides.items()])
+        bad("model", f"({given}) does not make a valid {cfg.model.arch} ({cfg.model.variant}, "
+                     f"{cfg.model.flavor}): {problem}")
+
+
+@functools.lru_cache(maxsize=64)
+def model_problem(arch: str, variant: str, flavor: str, overrides: str, head_overrides: str) -> str:
+    """Why the stage-1 model of these settings cannot be built ("" when it can). It is built on
+    PyTorch's meta device (shapes only, no memory, well under a second), so that a bad
+    `model.overrides` value fails when the config is read, not in a Ray worker minutes later."""
+    ov, hov = json.loads(overrides), json.loads(head_overrides)
+    if not ov and not hov:
+        return ""  # the published configurations build (tested); skip the torch import
+    import torch
+
+    from c2disr.models import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(arch, variant=variant, flavor=flavor, head="continuous",
+                        overrides=ov or None, head_overrides=hov or None)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+        return str(exc)
+    return ""

@@ -141,6 +141,7 @@ class Upscaler:
     make_fn: Callable[[int], Callable]
     device: str = "cpu"
     default_scales: tuple[int, ...] = field(default=DEFAULT_SCALES)
+    scale_range: tuple[float, float] | None = None  # a continuous model's training scales
 
 
 def _pick_device(device: str) -> str:
@@ -163,10 +164,15 @@ def _healthy_local_stack_uri() -> str:
     return uri if uri and server_reachable(uri, timeout=2.0) else ""
 
 
+def optional_tracking_uri(explicit: str | None = None) -> str:
+    """explicit > $MLFLOW_TRACKING_URI > the running local stack > "" (nothing to log to)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI", "") or _healthy_local_stack_uri()
+
+
 def model_tracking_uri(explicit: str | None = None) -> str:
     """Tracking server for resolving MLflow model URIs: explicit > $MLFLOW_TRACKING_URI > the
     running local stack. UserError when none is configured."""
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI", "") or _healthy_local_stack_uri()
+    uri = optional_tracking_uri(explicit)
     if not uri:
         raise UserError(
             "MLflow model URIs (models:/..., runs:/...) need a tracking server: pass "
@@ -263,6 +269,7 @@ def resolve_model(
     return Upscaler(
         name=spec, kind="model", scales=scales, device=dev,
         default_scales=scales or DEFAULT_SCALES,
+        scale_range=model.scale_range if model.continuous else None,
         make_fn=lambda s: _model_fn(model, s, tile=tile, overlap=overlap),
         info={"kind": "model", "source": spec, "spec": dict(model.spec), "params": int(params),
               "device": dev, "torch": torch.__version__, "tile": tile,

@@ -218,12 +218,16 @@ def _download(uri: str, tracking_uri: str, dst: str) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from srplatform.tracking import redact_uri
+    from srplatform.tracking import mlflow_server, redact_uri
 
     server = redact_uri(tracking_uri)  # for messages: never print credentials in a URI
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # c2d prints its own
     try:
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        # The URIs are given twice: MLflow resolves `models:/` from its globals, not from the
+        # arguments (see `mlflow_server`).
+        with mlflow_server(tracking_uri):
+            return Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri, registry_uri=tracking_uri))
     except MlflowException as exc:
         raise UserError(f"cannot fetch {uri} from {server}: {exc.message}") from exc
     except OSError as exc:  # connection refused, missing file in the artifact store

@@ -276,6 +276,21 @@ def _evaluate(name: str, version: str, run_id: str | None, folder: Path, scale: 
                       images=int(res["count"]), seconds=time.perf_counter() - t0)
 
 
+def _evaluate_bicubic(folder: Path, scale: int) -> Evaluation:
+    """The published baseline on the same images and metric (what a model must beat)."""
+    from c2disr.evaluate import evaluate_folder
+    from c2disr.ops.resize import imresize
+
+    t0 = time.perf_counter()
+    try:
+        res = evaluate_folder(lambda lr: imresize(lr, scale), folder, scale)
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        return Evaluation("bicubic", None, error=f"{type(exc).__name__}: {exc}",
+                          seconds=time.perf_counter() - t0)
+    return Evaluation("bicubic", None, psnr=float(res["psnr"]), ssim=float(res["ssim"]),
+                      images=int(res["count"]), seconds=time.perf_counter() - t0)
+
+
 # ----------------------------------------------------------------------------- promotion
 
 
@@ -301,11 +316,18 @@ class PromotionResult:
     at: str
     message: str
     history: list[str] = field(default_factory=list)
+    bicubic: Evaluation | None = None
 
     @property
     def delta_db(self) -> float | None:
         if self.candidate and self.champion and self.candidate.ok and self.champion.ok:
             return self.candidate.psnr - self.champion.psnr
+        return None
+
+    @property
+    def gain_over_bicubic_db(self) -> float | None:
+        if self.candidate and self.bicubic and self.candidate.ok and self.bicubic.ok:
+            return self.candidate.psnr - self.bicubic.psnr
         return None
 
     @property
@@ -315,6 +337,7 @@ class PromotionResult:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["delta_db"] = self.delta_db
+        out["gain_over_bicubic_db"] = self.gain_over_bicubic_db
         out["exit_code"] = self.exit_code
         return out
 
@@ -363,6 +386,8 @@ def _record(client, result: PromotionResult, roles: dict[str, str | None]) -> No
         "candidate_psnr": cand.psnr if cand else None, "candidate_ssim": cand.ssim if cand else None,
         "champion_psnr": champ.psnr if champ else None, "champion_ssim": champ.ssim if champ else None,
         "delta_db": result.delta_db,
+        "bicubic_psnr": result.bicubic.psnr if result.bicubic else None,
+        "gain_over_bicubic_db": result.gain_over_bicubic_db,
         "candidate_error": cand.error if cand else None, "champion_error": champ.error if champ else None,
     }
     line = f"[{result.at}] {result.by}: {result.message}"
@@ -380,6 +405,7 @@ def _record(client, result: PromotionResult, roles: dict[str, str | None]) -> No
             "promotion.other_psnr": _fmt(other.psnr, 4) if other else "n/a",
             "promotion.other_ssim": _fmt(other.ssim, 6) if other else "n/a",
             "promotion.delta_db": _fmt(result.delta_db, 4),
+            "promotion.bicubic_psnr": _fmt(result.bicubic.psnr, 4) if result.bicubic else "n/a",
             "promotion.reason": result.reason or "",
         }
         for key, value in tags.items():
@@ -410,23 +436,30 @@ def _set_champion(client, name: str, chain: list[str]) -> None:
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(chain[-200:]))
 
 
-def decide(candidate: Evaluation, champion: Evaluation | None, margin: float) -> tuple[bool, str]:
-    """The promotion rule: (passes, why). No champion: passes if the candidate evaluates.
-    Otherwise the candidate must evaluate and beat the champion's PSNR strictly and by at least
-    `margin` dB."""
-    if champion is None:
-        if candidate.ok:
-            return True, "no champion yet; the candidate evaluates"
-        return False, f"no champion yet, but the candidate does not evaluate ({candidate.error})"
+def decide(candidate: Evaluation, champion: Evaluation | None, margin: float,
+           bicubic: Evaluation | None = None) -> tuple[bool, str]:
+    """The promotion rule: (passes, why). The candidate must evaluate and, when `bicubic` is
+    given, beat bicubic's PSNR on the same images (an SR model that loses to the baseline is not
+    worth serving). No champion: that is all. Otherwise it must also beat the champion's PSNR
+    strictly and by at least `margin` dB."""
     if not candidate.ok:
+        if champion is None:
+            return False, f"no champion yet, but the candidate does not evaluate ({candidate.error})"
         return False, f"the candidate does not evaluate ({candidate.error})"
+    if bicubic is not None and bicubic.ok and not candidate.psnr > bicubic.psnr:
+        return False, (f"PSNR {candidate.psnr:.2f} dB does not beat bicubic ({bicubic.psnr:.2f} dB, "
+                       f"{candidate.psnr - bicubic.psnr:+.3f} dB)")
+    vs_bicubic = (f"; {candidate.psnr - bicubic.psnr:+.2f} dB over bicubic"
+                  if bicubic is not None and bicubic.ok else "")
+    if champion is None:
+        return True, "no champion yet; the candidate evaluates" + vs_bicubic
     delta = candidate.psnr - champion.psnr
     passed = delta > 0 and delta >= margin
     why = (f"PSNR {candidate.psnr:.2f} vs {champion.psnr:.2f} dB: {delta:+.3f} dB "
            f"{'>=' if passed else '<'} margin {margin:.2f} dB")
     if not passed and delta <= 0 and margin <= 0:
         why += " (not better)"
-    return passed, why
+    return passed, why + vs_bicubic
 
 
 def promote(name: str, *, version: str | int | None = None, data: str = "Set5", margin: float = 0.0,
@@ -458,7 +491,8 @@ def promote(name: str, *, version: str | int | None = None, data: str = "Set5", 
     base = dict(name=name, champion_before=champ_v, data=str(data), scale=scale, margin=float(margin),
                 reason=reason.strip(), by=_user(), at=_now())
     if champ_v == cand_v:
-        return PromotionResult(decision="unchanged", candidate=Evaluation(cand_v, cand_mv.run_id), champion=None,
+        return PromotionResult(decision="unchanged", candidate=Evaluation(cand_v, cand_mv.run_id),
+                               champion=Evaluation(champ_v, champ_mv.run_id),
                                champion_after=champ_v, history=chain,
                                message=f"v{cand_v} is already the {CHAMPION}; nothing to do", **base)
     folder = benchmark_folder(data)
@@ -473,7 +507,8 @@ def promote(name: str, *, version: str | int | None = None, data: str = "Set5", 
             raise UserError(
                 f"{name}: the champion v{champ_v} could not be evaluated ({champ.error}); the "
                 "candidate cannot be compared. Fix it, or use --force --reason \"...\"")
-    passed, why = decide(cand, champ, margin)
+    bicubic = _evaluate_bicubic(folder, scale)
+    passed, why = decide(cand, champ, margin, bicubic)
     if force:
         if not cand.ok:
             raise UserError(f"{name}: v{cand_v} does not evaluate ({cand.error}); a model that cannot "
@@ -490,9 +525,10 @@ def promote(name: str, *, version: str | int | None = None, data: str = "Set5", 
                    f"(was {('v' + champ_v) if champ_v else 'none'}): {why}")
     else:
         after = champ_v
-        message = f"refused v{cand_v} on {data} x{scale} (champion stays v{champ_v}): {why}"
+        stays = f"champion stays v{champ_v}" if champ_v else f"still no {CHAMPION}"
+        message = f"refused v{cand_v} on {data} x{scale} ({stays}): {why}"
     result = PromotionResult(decision=decision, candidate=cand, champion=champ, champion_after=after,
-                             history=chain, message=message, **base)
+                             history=chain, message=message, bicubic=bicubic, **base)
     _record(client, result, {cand_v: "candidate", champ_v: "champion"})
     return result
 
@@ -571,11 +607,21 @@ def format_result(r: PromotionResult) -> str:
         if ev is None:
             rows.append((role, "-", "-", "-", "-", "-", "none yet" if role == "champion" else ""))
             continue
+        note = (ev.error or "")[:60]
+        if r.decision == "unchanged":
+            note = "not evaluated: already the champion"
         rows.append((role, f"v{ev.version}", (ev.run_id or "-")[:8], _fmt(ev.psnr), _fmt(ev.ssim, 4),
-                     str(ev.images or "-"), (ev.error or "")[:60]))
+                     str(ev.images or "-"), note))
+    if r.bicubic is not None:
+        b = r.bicubic
+        rows.append(("bicubic", "-", "-", _fmt(b.psnr), _fmt(b.ssim, 4), str(b.images or "-"),
+                     (b.error or "the baseline a model must beat")[:60]))
     if r.delta_db is not None:
         dssim = r.candidate.ssim - r.champion.ssim
         rows.append(("delta", "", "", f"{r.delta_db:+.2f}", f"{dssim:+.4f}", "", f"margin {r.margin:.2f} dB"))
+    if r.gain_over_bicubic_db is not None:
+        rows.append(("gain", "", "", f"{r.gain_over_bicubic_db:+.2f}",
+                     f"{r.candidate.ssim - r.bicubic.ssim:+.4f}", "", "candidate over bicubic"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"{r.name}  (benchmark {r.data}, x{r.scale}, PSNR/SSIM on Y, border {r.scale})"]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

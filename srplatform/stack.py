@@ -175,6 +175,10 @@ def start_mlflow(root: Path, host: str = "127.0.0.1", port: int | None = None, t
     # The server must not inherit a client-side tracking URI or S3 endpoint of the caller.
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
         env.pop(key, None)
+    # MLflow's job execution (GenAI scorer jobs, trace roll-ups: nothing this platform uses)
+    # runs a job runner and seven polling huey consumers beside the server: processes and CPU
+    # that a 2-core machine needs for training. Off unless the user turns it on.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     proc = _spawn(cmd, log, env)
     uri = f"http://{host}:{port}"
     try:
@@ -321,27 +325,95 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is `pgid`."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(proc.name))
+    return out
+
+
+# What the processes of each server's group run: the server itself and, for MLflow, the
+# uvicorn app, its job runner and huey consumers (all Python processes of the mlflow package).
+_GROUP_MARKERS = {"mlflow": ("mlflow", "uvicorn", "huey"), "s3": ("moto",)}
+
+
+def _ours(pid: int, name: str, root: Path) -> bool:
+    cmd = _cmdline(pid)
+    return any(m in cmd for m in _GROUP_MARKERS[name]) or str(root) in cmd
+
+
+def _stop_service(name: str, svc: dict[str, Any], root: Path) -> tuple[str, list[str]]:
+    """Stop one server's whole process group, also when its leader has already died (a crashed
+    MLflow server leaves uvicorn serving, its job runner and huey consumers behind). Each
+    server runs in its own session (`_spawn`), so its group id is the leader's pid. Only
+    processes whose command lines are a server's are signalled. Returns (what happened, the
+    processes that survived as "pid cmdline")."""
+    pgid = int(svc.get("pgid", svc["pid"]))
+    members = [p for p in _group_members(pgid) if _ours(p, name, root)]
+    if not members:
+        return "not running", []
+    leader_alive = svc["pid"] in members
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            for pid in members:  # reap our own children so they do not linger as zombies
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            members = [p for p in members if _alive(p)]
+            if not members:
+                break
+            time.sleep(0.1)
+        if not members:
+            break
+    survivors = [f"{p} {_cmdline(p)[:120]}" for p in members]
+    what = "stopped" if leader_alive else "had crashed; stopped the processes it left behind"
+    return what, survivors
+
+
 def down(*, root: Path | None = None, quiet: bool = False) -> list[str]:
-    """Stop the processes `up` started (verified by their command lines); remove the state."""
+    """Stop the processes `up` started, each server's whole process group (verified by their
+    command lines), remove the state, and report any process that survived (also returned in
+    the state-less sense: the names of the services that were stopped are returned)."""
     root = root or data_dir()
     state = read_state(root)
-    stopped = []
+    stopped: list[str] = []
     if not state:
         if not quiet:
             print("stack is not up", file=sys.stderr)
         return stopped
-    markers = {"mlflow": "mlflow", "s3": "moto.server"}
-    for name, marker in markers.items():
+    survivors: list[str] = []
+    for name in _GROUP_MARKERS:
         svc = state.get(name)
         if not svc:
             continue
-        pid = svc["pid"]
-        if _alive(pid) and marker in _cmdline(pid):
-            _kill_group(pid)
-            stopped.append(name)
-        elif not quiet:
-            print(f"{name} (pid {pid}) was not running", file=sys.stderr)
+        what, left = _stop_service(name, svc, Path(state.get("root") or root))
+        survivors += left
+        if what == "not running":
+            if not quiet:
+                print(f"{name} (pid {svc['pid']}) was not running", file=sys.stderr)
+            continue
+        stopped.append(name)
+        if not quiet and what != "stopped":
+            print(f"{name} {what}", file=sys.stderr)
     state_path(root).unlink(missing_ok=True)
+    if survivors:
+        print("warning: these processes survived SIGKILL (stop them by hand):\n  "
+              + "\n  ".join(survivors), file=sys.stderr)
     if not quiet:
         print(f"stopped: {', '.join(stopped) or 'nothing'}", file=sys.stderr)
     return stopped

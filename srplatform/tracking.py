@@ -72,6 +72,34 @@ def resolve_tracking_uri(explicit: str = "") -> str:
     return tracking_uri(explicit)
 
 
+@contextlib.contextmanager
+def mlflow_server(uri: str):
+    """Point MLflow's process-wide tracking and registry URIs at `uri` for the block, then put
+    back what was there (the two globals and the variables MLflow mirrors them into).
+
+    Some MLflow calls ignore the URIs they are given: resolving `models:/NAME@ALIAS` for an
+    artifact download builds its own client from the globals, which default to a local
+    `./mlflow.db`. Without this, such a call creates that database in the current folder and
+    reports "Registered Model ... not found" from it, while the server has the model."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
+             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
+    tracking_utils.set_tracking_uri(uri)
+    registry_utils.set_registry_uri(uri)
+    try:
+        yield uri
+    finally:
+        tracking_utils.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for key, value in saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def redact_uri(uri: str) -> str:
     """The URI without any `user:password@` part (safe to print)."""
     if "@" in uri and "://" in uri:

@@ -71,6 +71,29 @@ def resolve_scale(model, scale: float | None) -> int | float:
     return int(s) if s.is_integer() else s
 
 
+def scale_range_warning(model, scales) -> str | None:
+    """One warning line when a continuous model is asked for scales outside the range it was
+    trained on (`model.scale_range`, recorded in its model file); None when all are inside or
+    the range is unknown. It still runs: the head accepts any scale, but quality outside the
+    training range is not what validation measured."""
+    if not getattr(model, "continuous", False):
+        return None
+    return range_warning(getattr(model, "scale_range", None), scales)
+
+
+def range_warning(rng: tuple[float, float] | None, scales) -> str | None:
+    """`scale_range_warning` for a known training range `rng` (None: no warning)."""
+    if not rng:
+        return None
+    lo, hi = rng
+    outside = [float(s) for s in scales if s is not None and not lo <= float(s) <= hi]
+    if not outside:
+        return None
+    which = ", ".join(f"x{s:g}" for s in outside)
+    return (f"warning: {which} is outside the scales this continuous model was trained on "
+            f"({lo:g}-{hi:g}); expect lower quality there")
+
+
 def output_size(h: int, w: int, scale: int | float) -> tuple[int, int]:
     return (h * scale, w * scale) if isinstance(scale, int) else (max(1, round(h * scale)), max(1, round(w * scale)))
 

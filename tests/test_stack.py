@@ -92,3 +92,47 @@ def test_up_down_leaves_no_process_and_reports_crash(tmp_path):
     # No process of the mlflow group is left either (gunicorn/uvicorn workers).
     leftovers = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
     assert leftovers == [], f"processes left behind: {leftovers}"
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (read from /proc, independent of the code under test)."""
+    out = []
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                with open(f"/proc/{proc}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(proc))
+    return out
+
+
+def test_down_after_a_crashed_mlflow_server_stops_what_it_left_behind(tmp_path, capsys):
+    """Killing only the MLflow server's main process leaves its uvicorn app serving (and, with
+    job execution on, a job runner and huey consumers). `down` must stop the whole group."""
+    from srplatform import stack as stack_mod
+
+    root = tmp_path / "home"
+    root.mkdir()
+    state = stack_mod.up(root=root, s3=False, quiet=True)
+    leader = state["mlflow"]["pid"]
+    try:
+        deadline = time.time() + 20  # the app server is spawned after the leader starts
+        while time.time() < deadline and len(_group(leader)) < 2:
+            time.sleep(0.2)
+        children = [p for p in _group(leader) if p != leader]
+        assert children, "expected the MLflow server to run its app in a child process"
+        os.kill(leader, 9)
+        deadline = time.time() + 10
+        while time.time() < deadline and stack_mod._alive(leader):
+            time.sleep(0.1)
+        assert not stack_mod._alive(leader)
+        assert any(stack_mod._alive(p) for p in children), "the crash left nothing behind"
+    finally:
+        stopped = stack_mod.down(root=root)
+    assert stopped == ["mlflow"]
+    assert "had crashed" in capsys.readouterr().err
+    assert _group(leader) == []
+    assert not any(stack_mod._alive(p) for p in children)

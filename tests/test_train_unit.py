@@ -540,14 +540,16 @@ def test_source_name_and_summary_table():
     table = summary_table([
         StageResult(name="t/x2", kind="finetune", scale=2, steps=40, seconds=12.0,
                     metrics={"val_x2_psnr": 30.123, "val_x2_ssim": 0.9, "val_x2_psnr_ema": 30.2,
-                             "val_x2_psnr_bicubic": 29.9},
-                    model_path="/m.pt"),
+                             "val_x2_ssim_ema": 0.91, "val_x2_psnr_bicubic": 29.9},
+                    model_path="/m.pt", registered_model="c2disr-swinir_l-c2d-x2:7"),
         StageResult(name="t/x3", kind="finetune", scale=3, error="RuntimeError: boom"),
     ])
-    assert "x2 30.12/0.9000 (ema 30.20)" in table and "FAILED: RuntimeError: boom" in table
+    # The headline is the kept (EMA) weights, the ones saved and registered; raw in brackets.
+    assert "x2 30.20/0.9100 (raw 30.12)" in table and "FAILED: RuntimeError: boom" in table
     header = table.splitlines()[0]
-    assert "bicubic" in header and "gain dB" in header
+    assert "bicubic" in header and "gain dB" in header and "registered" in header
     assert "x2 29.90" in table and "x2 +0.30" in table  # the gain of the EMA weights
+    assert "c2disr-swinir_l-c2d-x2 v7" in table
 
 
 def test_fan_out_reports_a_failed_scale_and_finishes_the_others(monkeypatch):

@@ -14,6 +14,7 @@ a ValueError names the missing / unexpected / mismatched keys and the file.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -50,12 +51,32 @@ def derive_key_map(
     return out
 
 
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"):
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only.
+
+    A file holding other pickled objects is refused with a ValueError that names the file and
+    the first such object. torch's own message goes on to explain how to load the file anyway
+    (`weights_only=False`, which runs whatever code the file carries); that advice is not passed
+    on: a checkpoint this project reads never needs it.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"{path}: refused: the file contains non-tensor objects{what}; only tensors and plain "
+            "containers are loaded from checkpoints, because unpickling anything else can run "
+            "code from the file"
+        ) from None
+
+
 def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict inside an official checkpoint (`params_ema` preferred, then `params`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; download the official .pth file first")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_weights_only(path)
     if isinstance(obj, Mapping):
         for key in ("params_ema", "params"):
             if key in obj and isinstance(obj[key], Mapping):

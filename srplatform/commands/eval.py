@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 HELP = "PSNR/SSIM on benchmark folders with the published convention (bicubic or a model)"
@@ -27,8 +26,9 @@ many images each mean is over, and the exit status is 1 (0 when every image was 
 --data: comma-separated benchmark names (Set5, Set14: looked up in $C2D_SHARED/data or
 ../shared/data beside the repository) or folders of HR images.
 
-Results are logged to MLflow (one run in --experiment) when a tracking URI is configured with
---tracking-uri or $MLFLOW_TRACKING_URI; an unreachable server is a warning, not a failure.
+Results are logged to MLflow (one run in --experiment) on the same server: --tracking-uri, else
+$MLFLOW_TRACKING_URI, else the running local stack (none is started for an eval); an unreachable
+server is a warning, not a failure. --no-mlflow logs nothing.
 
 Examples:
   c2d eval --model bicubic --data Set5,Set14 --scales 2,3,4
@@ -54,7 +54,7 @@ def configure(parser) -> None:
     parser.add_argument("--lr-float", action="store_true",
                         help="keep LR inputs in float instead of rounding them to uint8")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking server (default: $MLFLOW_TRACKING_URI)")
+                        help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, then the running local stack)")
     parser.add_argument("--experiment", default="c2d-eval", help="MLflow experiment for the run")
     parser.add_argument("--no-mlflow", action="store_true",
                         help="do not log to MLflow even when a tracking URI is configured")
@@ -70,6 +70,11 @@ def run(args) -> int:
         args.model, device=args.device, tracking_uri=args.tracking_uri,
         tile=args.tile, overlap=args.tile_overlap,
     )
+    from srplatform.upscale import range_warning
+
+    warning = range_warning(upscaler.scale_range, scales or upscaler.default_scales)
+    if warning:
+        print(warning, file=sys.stderr)
     report = ev.run_evaluation(
         upscaler, datasets, scales, quantize_lr=not args.lr_float,
         progress=None if args.quiet else ev.progress_printer(),
@@ -81,8 +86,8 @@ def run(args) -> int:
     if args.json_path:
         path = ev.write_json(report, args.json_path)
         print(f"wrote {path}", file=sys.stderr)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri and not args.no_mlflow:
+    uri = "" if args.no_mlflow else ev.optional_tracking_uri(args.tracking_uri)
+    if uri:
         run_id = ev.log_report(report, uri, experiment=args.experiment)
         if run_id:
             print(f"logged to MLflow run {run_id} (experiment {args.experiment})", file=sys.stderr)

@@ -17,9 +17,10 @@ not used (deprecated in MLflow); the aliases are:
 Logged numbers are not trusted: the candidate (--version V, default the alias `candidate`) and the
 current champion are both loaded from the registry and evaluated on the benchmark --data (a set
 name under ../shared/data or $C2D_SHARED/data, or a folder of HR images) with the standard metric:
-PSNR/SSIM on the Y channel, border = scale, LR by MATLAB bicubic. The champion moves only when the
-candidate's PSNR is strictly higher and by at least --margin dB. With no champion yet, the
-candidate is promoted if it evaluates at all.
+PSNR/SSIM on the Y channel, border = scale, LR by MATLAB bicubic. Bicubic upscaling is measured
+on the same images and shown beside them. The champion moves only when the candidate's PSNR beats
+bicubic's, and beats the champion's strictly and by at least --margin dB. With no champion yet,
+the candidate is promoted if it beats bicubic.
 
   --force --reason "..."   promote regardless of the comparison (the reason is recorded)
   --rollback               restore the previous champion (both are evaluated for the record)
@@ -30,9 +31,9 @@ margin, reason) and one line appended to each version's description; the registe
 the chain of champions in the tag `champion_history` and the last decision as JSON in
 `last_decision`. The user is $C2D_USER, else the login name.
 
-Exit status: 0 promoted / forced / rolled back / already champion; 1 refused (the candidate is
-not better by the margin, or does not evaluate); 2 errors (no such model or version, benchmark not
-found, tracking server unreachable, the champion cannot be evaluated).
+Exit status: 0 promoted / forced / rolled back / already champion; 1 refused (the candidate does
+not beat bicubic, or the champion by the margin, or does not evaluate); 2 errors (no such model or
+version, benchmark not found, tracking server unreachable, the champion cannot be evaluated).
 
 Tracking server: --tracking-uri, else $MLFLOW_TRACKING_URI, else the running local stack
 (`c2d stack up`); no server is started for you.

@@ -11,7 +11,8 @@ Upscale IN (an image file, or a folder walked recursively) into OUT with an SR m
           (.pt written by c2disr.evaluate.save_model) | a local MLflow model directory
 
 Discrete models upscale by their own scale; continuous (arbitrary-scale) models need --scale S
-(any S > 0, fractional allowed; output size round(h*S) x round(w*S)).
+(any S > 0, fractional allowed; output size round(h*S) x round(w*S)); a scale outside the range
+the model was trained on (recorded in its model file) gives a warning.
 
 Images larger than --tile LR pixels on a side are processed in overlapping tiles (--overlap LR
 pixels) that are blended, so any size fits in memory without seams; --tile 0 runs whole images.
@@ -81,7 +82,7 @@ def run(args) -> int:
 
     from srplatform.errors import UserError
     from srplatform.mlmodel import load_sr_model
-    from srplatform.upscale import list_inputs, upscale_path
+    from srplatform.upscale import list_inputs, scale_range_warning, upscale_path
 
     src = Path(args.input)
     if not src.exists():
@@ -101,6 +102,9 @@ def run(args) -> int:
     else:
         tracking = args.tracking_uri or None
     model = load_sr_model(uri, tracking_uri=tracking).to(device)
+    warning = scale_range_warning(model, [args.scale])
+    if warning:
+        print(warning, file=sys.stderr)
     kind = "continuous" if model.continuous else f"x{model.scale}"
     spec = model.spec
     if not args.quiet:

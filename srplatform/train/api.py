@@ -131,10 +131,12 @@ class PipelineResult:
 
 
 def summary_table(results: list[StageResult]) -> str:
-    """A plain-text table of stage results (what the commands print at the end): per scale the
-    model's validation PSNR/SSIM (and EMA PSNR), bicubic on the same images, and the gain of the
-    kept weights (EMA when on) over bicubic."""
-    rows = [("run", "steps", "val PSNR / SSIM", "bicubic", "gain dB", "time", "status", "model")]
+    """A plain-text table of stage results (what the commands print at the end). Per scale the
+    headline PSNR/SSIM is that of the weights that are kept, saved and registered (the EMA when
+    it is on; the raw weights' PSNR follows in brackets), then bicubic on the same images, the
+    kept weights' gain over bicubic, and the registered model version."""
+    rows = [("run", "steps", "val PSNR / SSIM", "bicubic", "gain dB", "time", "status", "registered",
+             "model")]
     for r in results:
         s = r.scale
         keys = [f"val_x{s}"] if s else sorted({k.rsplit("_", 1)[0] for k in r.metrics
@@ -142,22 +144,25 @@ def summary_table(results: list[StageResult]) -> str:
         vals, bics, gains = [], [], []
         for k in keys:
             tag = k.replace("val_", "")
-            p, q = r.metrics.get(f"{k}_psnr"), r.metrics.get(f"{k}_ssim", float("nan"))
-            if p is None:
+            raw = r.metrics.get(f"{k}_psnr")
+            if raw is None:
                 continue
             ema = r.metrics.get(f"{k}_psnr_ema")
-            vals.append(f"{tag} {p:.2f}/{q:.4f}" + (f" (ema {ema:.2f})" if ema is not None else ""))
+            p = raw if ema is None else ema
+            q = r.metrics.get(f"{k}_ssim" if ema is None else f"{k}_ssim_ema", float("nan"))
+            vals.append(f"{tag} {p:.2f}/{q:.4f}" + (f" (raw {raw:.2f})" if ema is not None else ""))
             b = r.metrics.get(f"{k}_psnr_bicubic")
             bics.append(f"{tag} {b:.2f}" if b is not None else "-")
-            # the gain of the weights that are kept (EMA when on)
-            gains.append(f"{tag} {(ema if ema is not None else p) - b:+.2f}" if b is not None else "-")
+            gains.append(f"{tag} {p - b:+.2f}" if b is not None else "-")
         status = "ok" if r.ok else f"FAILED: {r.error}"
         if r.ok and r.skipped:
             status = "ok (already done)"
         if r.ok and r.resumed_from:
             status += f" (resumed at {', '.join(map(str, r.resumed_from))})"
+        registered = r.registered_model.replace(":", " v", 1) if r.registered_model else "-"
         rows.append((r.name, str(r.steps), "; ".join(vals) or "-", "; ".join(bics) or "-",
-                     "; ".join(gains) or "-", f"{r.seconds:.0f}s", status, r.model_path or "-"))
+                     "; ".join(gains) or "-", f"{r.seconds:.0f}s", status, registered,
+                     r.model_path or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:
@@ -196,8 +201,8 @@ def shared_candidates(name: str) -> list[Path]:
     if os.environ.get("C2D_SHARED"):
         roots.append(Path(os.environ["C2D_SHARED"]).expanduser() / "data")
     roots.append(Path(srplatform.__file__).resolve().parents[2] / "shared" / "data")
-    roots.append(Path.cwd().parent / "shared" / "data")
-    return [r / name for r in roots]
+    roots.append(Path.cwd().resolve().parent / "shared" / "data")
+    return [r / name for r in dict.fromkeys(roots)]  # each place once (cwd may be the repo)
 
 
 def resolve_images(value: str, key: str) -> str:
@@ -213,6 +218,16 @@ def resolve_images(value: str, key: str) -> str:
     tried = ", ".join(str(c) for c in shared_candidates(value)) if "/" not in value else value
     raise UserError(f"{key}={value!r}: no such folder (looked at {tried}); give a folder, a glob, "
                     "an s3:// prefix, or set C2D_SHARED to the folder holding data/")
+
+
+def check_local_inputs(cfg: Config) -> None:
+    """Fail in a second, before Ray or the stack start, when `data.val` or (with no `data.train`)
+    `data.source` names a local folder or shared set that is not there. URIs and globs are left
+    to the data plane (they may only resolve on the cluster)."""
+    if cfg.data.val:
+        resolve_images(cfg.data.val, "data.val")
+    if cfg.data.source and not cfg.data.train:
+        resolve_images(cfg.data.source, "data.source")
 
 
 # --------------------------------------------------------------------------------------
@@ -324,7 +339,11 @@ def stage_identity(cfg: Config, kind: str, scale: int | None) -> dict[str, Any]:
             "data": data, "section": sec}
 
 
-def _check_identity(stage_uri: str, identity: dict[str, Any], label: str) -> None:
+def _check_identity(stage_uri: str, identity: dict[str, Any], label: str,
+                    say: Callable[[str], None] | None = None) -> None:
+    """Record what the run at `stage_uri` trains, or check that a re-run trains the same thing.
+    A run that left no checkpoint and no result (it failed before its first checkpoint) has
+    nothing to resume: new settings replace its record instead of locking the name."""
     from srplatform import storage
 
     uri = storage.join(stage_uri, IDENTITY_FILE)
@@ -334,6 +353,13 @@ def _check_identity(stage_uri: str, identity: dict[str, Any], label: str) -> Non
         return
     a, b = flatten(old), flatten(identity)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff and not stored_checkpoints(stage_uri, limit=1) \
+            and not storage.exists(storage.join(stage_uri, RESULT_FILE)):
+        if say:
+            say(f"settings changed since an earlier attempt that saved nothing "
+                f"({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''}); starting afresh")
+        _write_json(uri, identity)
+        return
     if diff:
         shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
         raise UserError(
@@ -636,7 +662,7 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
     label = stage_label(cfg, kind, scale)
     stage_uri = storage.join(root, cfg.name, key)
     identity = stage_identity(cfg, kind, scale)
-    _check_identity(stage_uri, identity, label)
+    _check_identity(stage_uri, identity, label, say=lambda m: printer.say(label, m))
 
     done = _read_json(storage.join(stage_uri, RESULT_FILE))
     if done:
@@ -756,6 +782,7 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
 
 def run_pretrain(cfg: Config, *, on_event: Callable[[dict], None] | None = None) -> StageResult:
     """Stage 1 alone: continuous-scale pretraining (its own MLflow run, no parent)."""
+    check_local_inputs(cfg)
     return run_stage(cfg, kind="pretrain", on_event=on_event)
 
 
@@ -771,6 +798,7 @@ def run_finetune(cfg: Config, init_from: str, scales: list[int] | None = None, *
     scales = [int(s) for s in (scales or cfg.finetune.scales)]
     if not scales or any(s not in (2, 3, 4) for s in scales) or len(set(scales)) != len(scales):
         raise UserError(f"scales must be distinct values from 2, 3, 4; got {scales}")
+    check_local_inputs(cfg)
     init_from = resolve_init(init_from, cfg)  # runs:/, run ids, checkpoint folders -> a model file
     with ray_session(), _printer(printer, on_event) as pr:
         tracker = tracker or make_tracker(cfg)
@@ -832,6 +860,7 @@ def run_pipeline(cfg: Config, *, on_event: Callable[[dict], None] | None = None)
     from srplatform import storage
 
     t0 = time.time()
+    check_local_inputs(cfg)
     with ray_session(), _printer(None, on_event) as pr:
         tracker = make_tracker(cfg, say=lambda m: pr.say(cfg.name, m))
         data = prepare_data(cfg, say=lambda m: pr.say(cfg.name, m))
@@ -924,9 +953,12 @@ def _resolve_mlflow_init(src: str, cfg: Config) -> str:
         src = f"runs:/{run_id}/weights"
     import mlflow.artifacts
 
+    from srplatform.tracking import mlflow_server
+
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst),
-                                                         tracking_uri=uri))
+        with mlflow_server(uri):  # models:/ URIs are resolved from MLflow's globals
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst),
+                                                             tracking_uri=uri, registry_uri=uri))
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"--from {src}: cannot download it from {uri} ({exc})") from None
     if local.is_dir() and (local / "MLmodel").is_file():

@@ -218,9 +218,15 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, ema, optimizer, 
         "format": "c2disr-train-state/1",
     }
     torch.save(state, d / STATE_FILE)
-    save_model(d / MODEL_FILE, model)
+    # A continuous model's files record the scales it was trained on, so that upscaling or
+    # evaluating it outside them can warn.
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    rng = ((float(data["scale_min"]), float(data["scale_max"]))
+           if getattr(model, "continuous", False) and "scale_min" in data and "scale_max" in data
+           else None)
+    save_model(d / MODEL_FILE, model, scale_range=rng)
     if ema is not None:
-        save_model(d / EMA_FILE, ema.module)
+        save_model(d / EMA_FILE, ema.module, scale_range=rng)
     meta = {"step": int(step), "epoch": int(epoch), "kind": stage.get("kind"),
             "scale": stage.get("scale"), "metrics": dict(metrics or {}), "time": time.time(),
             "ema": ema is not None}
@@ -231,9 +237,11 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, ema, optimizer, 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read `state.pt` of a checkpoint directory with `weights_only=True`; the config and stage
     come back as dicts."""
+    from c2disr.models.checkpoints import load_weights_only
+
     path = Path(directory) / STATE_FILE
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_weights_only(path, map_location)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no training state in this checkpoint directory") from None
     state["config"] = json.loads(state["config"])
