@@ -130,6 +130,9 @@ class ServeOptions:
         if self.autoscaling is not None:
             from ray.serve.config import AutoscalingConfig
 
+            unknown = sorted(set(self.autoscaling) - set(AutoscalingConfig.model_fields))
+            need(not unknown, f"unknown autoscaling settings {unknown}; Serve's are "
+                              f"{', '.join(sorted(AutoscalingConfig.model_fields))}")
             try:
                 AutoscalingConfig(**self.autoscaling)
             except Exception as exc:  # pydantic's ValidationError names the bad key
