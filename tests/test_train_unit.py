@@ -505,8 +505,19 @@ def test_identity_mismatch_is_refused(tmp_path):
     cfg = load_config(None)
     _check_identity(uri, stage_identity(cfg, "pretrain", None), "x/pretrain")
     _check_identity(uri, stage_identity(cfg.replace(["run.log_every=3"]), "pretrain", None), "x/pretrain")
+    # A first attempt that failed before its first checkpoint saved nothing to resume: corrected
+    # settings replace its record instead of locking the name (issue 12, item 2).
+    said = []
+    fixed = cfg.replace(["model.variant=hit"])
+    _check_identity(uri, stage_identity(fixed, "pretrain", None), "x/pretrain", say=said.append)
+    assert said and "model.variant" in said[0]
+    _check_identity(uri, stage_identity(fixed, "pretrain", None), "x/pretrain")
+    # Once a checkpoint exists, a re-run resumes it: different settings are refused.
+    ckpt = tmp_path / "checkpoint_0000005"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"step": 5}))
     with pytest.raises(UserError, match=r"pretrain.steps|section.steps"):
-        _check_identity(uri, stage_identity(cfg.replace(["pretrain.steps=7"]), "pretrain", None),
+        _check_identity(uri, stage_identity(fixed.replace(["pretrain.steps=7"]), "pretrain", None),
                         "x/pretrain")
 
 
