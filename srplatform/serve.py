@@ -687,6 +687,7 @@ def run_foreground(opts: ServeOptions, *, ready_timeout: float = 600.0) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     started_ray = False
+    ray_tmp = None
     state: dict[str, Any] = {"pid": os.getpid(), "model": opts.model, "url": opts.url,
                              "host": opts.host, "port": opts.port, "app": opts.app_name,
                              "started": time.time(), "ready": False}
@@ -697,8 +698,9 @@ def run_foreground(opts: ServeOptions, *, ready_timeout: float = 600.0) -> int:
         else:
             # A private Ray with its own temp dir: another project's `ray.init()` on this machine
             # must not find and join it (Ray looks for the newest cluster under /tmp/ray).
+            ray_tmp = tempfile.mkdtemp(prefix="c2dray-", dir="/tmp")  # short: Ray's socket paths
             ray.init(num_cpus=opts.ray_cpus, include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="c2dray-", dir="/tmp"))
+                     log_to_driver=False, _temp_dir=ray_tmp)
             started_ray = True
         # Ray's core installs its own SIGTERM handler (it logs a stack trace and exits at once);
         # ours must win, so that a stop takes the app, Serve and Ray down in order.
@@ -733,6 +735,10 @@ def run_foreground(opts: ServeOptions, *, ready_timeout: float = 600.0) -> int:
                         serve.shutdown()
         finally:
             ray.shutdown()
+            if ray_tmp:
+                import shutil
+
+                shutil.rmtree(ray_tmp, ignore_errors=True)
             cur = read_state()
             if cur and cur.get("pid") == os.getpid():
                 state_path().unlink(missing_ok=True)
