@@ -189,8 +189,9 @@ def server(registered, model_files):
     from srplatform.stack import free_port
 
     port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="c2dray-", dir="/tmp")  # private: no other ray.init joins it
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="c2dray-", dir="/tmp"))
+             _temp_dir=ray_tmp)
     common = dict(port=port, num_cpus=0.25, tile=TILE, overlap=OVERLAP, max_pixels=20_000,
                   max_bytes=200_000, max_output_pixels=200_000)
     main_app = ServeOptions(model=f"models:/{NAME}@champion", tracking_uri=registered, poll_s=1.0,
@@ -204,6 +205,9 @@ def server(registered, model_files):
     finally:
         serve.shutdown()
         ray.shutdown()
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
