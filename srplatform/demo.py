@@ -251,10 +251,18 @@ def run_demo(opts: DemoOptions) -> int:
     print(table)
     report_path = _write_report(out_dir, opts, cfg, pipe, tune_result, promotions, table, comparison,
                                 mlflow_uri, sample_out, timings, steps)
-    print(f"\nreport: {report_path}")
-    print(f"MLflow: {mlflow_uri}  (experiment '{cfg.tracking.experiment}')")
-    print(f"done in {time.time() - steps.t0:.0f}s")
+    print_closing(report_path, mlflow_uri, cfg.tracking.experiment, time.time() - steps.t0)
     return 0
+
+
+def print_closing(report_path: Path, mlflow_uri: str, experiment: str, seconds: float) -> None:
+    """The demo's last lines: where the results are, and that the stack it started is still up
+    (the MLflow UI stays browsable) with the command that stops it."""
+    print(f"\nreport: {report_path}")
+    print(f"MLflow: {mlflow_uri}  (experiment '{experiment}')")
+    print(f"done in {seconds:.0f}s")
+    print("The local stack (MLflow server, S3 endpoint) is still running, so the MLflow UI above "
+          "stays browsable; stop it with `c2d stack down`.")
 
 
 def _summary_rows(pipe, promotions, val: str, mlflow_uri: str, out_dir: Path, cfg):

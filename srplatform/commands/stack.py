@@ -1,4 +1,4 @@
-"""`c2d stack up | down | status`: the embedded local stack."""
+"""`c2d stack up | status | down | env`: the embedded local stack."""
 
 from __future__ import annotations
 
@@ -24,16 +24,43 @@ $C2D_HOME/stack.json (default ./.c2d, mode 0600). Ray is started by the jobs the
 
 def configure(parser):
     sub = parser.add_subparsers(dest="stack_cmd", metavar="ACTION", required=True)
-    up = sub.add_parser("up", help="start the MLflow server and the S3 endpoint")
+    fmt = parser.formatter_class
+    up = sub.add_parser(
+        "up", help="start the MLflow server and the S3 endpoint", formatter_class=fmt,
+        description=(
+            "Start the embedded stack on this machine: an MLflow tracking server (SQLite backend\n"
+            "and model registry in $C2D_HOME/mlflow.db, artifacts under $C2D_HOME/mlartifacts)\n"
+            "and an S3-compatible endpoint (moto, signed requests, bucket `c2disr`, fresh keys).\n"
+            "Both bind to free loopback ports unless told otherwise. When the stack is already\n"
+            "up and healthy, nothing is started: its status is printed. Stop it with\n"
+            "`c2d stack down`."))
     up.add_argument("--no-s3", action="store_true", help="start only MLflow")
     up.add_argument("--host", default="127.0.0.1",
                     help="address to bind (loopback by default; anything else is reachable from other machines)")
     up.add_argument("--mlflow-port", type=int, default=None, help="default: a free port")
     up.add_argument("--s3-port", type=int, default=None, help="default: a free port")
-    sub.add_parser("status", help="show URLs and health").add_argument(
-        "--json", action="store_true", help="machine-readable output (secrets masked)")
-    sub.add_parser("down", help="stop the stack")
-    sub.add_parser("env", help="print shell exports (MLFLOW_TRACKING_URI, C2D_S3_ENDPOINT_URL, AWS keys)")
+    sub.add_parser(
+        "status", help="show URLs and health", formatter_class=fmt,
+        description=(
+            "Show the data folder, each server's URL, process id and health, the S3 bucket and\n"
+            "key (the secret is not shown) and which Ray jobs will use. Exit status: 0 when every\n"
+            "server answers, 1 when the stack is not up or a server crashed (its log's last\n"
+            "lines are printed)."),
+    ).add_argument("--json", action="store_true", help="machine-readable output (secrets masked)")
+    sub.add_parser(
+        "down", help="stop the stack", formatter_class=fmt,
+        description=(
+            "Stop exactly the processes `c2d stack up` started (recorded in\n"
+            "$C2D_HOME/stack.json); data in $C2D_HOME (MLflow runs, registry, shards) is kept.\n"
+            "S3 objects live in moto's memory and go with it."))
+    sub.add_parser(
+        "env", help="print shell exports (MLFLOW_TRACKING_URI, C2D_S3_ENDPOINT_URL, AWS keys)",
+        formatter_class=fmt,
+        description=(
+            "Print `export` lines for other tools (mlflow, aws, boto3, a notebook):\n"
+            "MLFLOW_TRACKING_URI, C2D_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY\n"
+            "and AWS_REGION of the running stack. The secret key is included: keep the output\n"
+            "private. Use it as:  eval \"$(c2d stack env)\""))
 
 
 def run(args) -> int:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -410,6 +411,43 @@ def _display_path(uri: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
+# Console lines of a local Ray that say nothing a user of this platform can act on:
+# - the raylet's "N PYTHON worker processes have been started ... Kx the maximum expected startup
+#   concurrency": expected here, since Ray Data tasks take fractional CPUs and RAY_SYSTEM_CONFIG
+#   keeps idle workers alive (see srplatform.data.pipeline); it repeats as the pool grows.
+_RAY_NOISE = ("PYTHON worker processes have been started on node",)
+# - "Token authentication is enabled for this Ray cluster ...", logged by this module at every
+#   start of a local Ray.
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_ray_console() -> None:
+    """Keep Ray's known noise out of normal output (C2D_RAY_LOGS=1 shows everything).
+
+    Ray relays raylet warnings to the driver's stdout itself, whatever `log_to_driver` says
+    (`ray._private.worker.print_to_stdstream`); this drops the lines in `_RAY_NOISE` there and
+    passes every other one (a task killed for memory, say) unchanged. A Ray without that hook
+    is left alone."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:  # pragma: no cover - a Ray that moved its internals
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_c2d_quiet", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            lines = [ln for ln in data.get("lines", []) if not any(n in str(ln) for n in _RAY_NOISE)]
+            if not lines:
+                return None
+            data = dict(data, lines=lines)
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream._c2d_quiet = True
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
 @contextlib.contextmanager
 def ray_session() -> Iterator[None]:
     """Use the connected Ray, else join `$RAY_ADDRESS`, else start a local Ray with this
@@ -433,10 +471,16 @@ def ray_session() -> Iterator[None]:
     # exceptions, and everything stays in Ray's session logs.
     forward = os.environ.get("C2D_RAY_LOGS", "") not in ("", "0", "false")
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": forward}
+    if not forward:
+        _quiet_ray_console()
     if address:
         ray.init(address=address, **kwargs)
     else:
         from srplatform.data.pipeline import RAY_SYSTEM_CONFIG
+
+        # A new local Ray turns token authentication on and logs a WARNING saying so at every
+        # start (while RAY_AUTH_MODE is unset). Auth stays as Ray sets it; only the notice goes.
+        logging.getLogger(_RAY_AUTH_LOGGER).setLevel(logging.ERROR)
 
         # address="local": a Ray of our own even when another one runs on this machine. The
         # system config keeps idle Ray Data task workers alive (see the pipeline module).
