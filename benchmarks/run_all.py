@@ -1,6 +1,6 @@
 """Run every benchmark, then gather their JSON results into one Markdown table.
 
-    python benchmarks/run_all.py [--quick] [--only models,data,train,ablation]
+    python benchmarks/run_all.py [--quick] [--only models,data,train,ablation,serve]
 
 Each benchmark is its own script (`benchmarks/<name>.py`) that measures a baseline in the same
 run and writes `benchmarks/results/<name>.json` with a `table` (Markdown) and the raw numbers;
@@ -27,9 +27,10 @@ BENCHES = {
     "data": "data.py",
     "train": "train.py",
     "ablation": "c2d_ablation.py",
+    "serve": "serve.py",
 }
 RESULT_FILES = {"models": "models.json", "data": "data.json", "train": "train.json",
-                "ablation": "c2d_ablation.json"}
+                "ablation": "c2d_ablation.json", "serve": "serve.json"}
 
 
 def machine() -> str:
