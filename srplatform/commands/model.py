@@ -43,10 +43,10 @@ def configure(parser):
     lst.add_argument("--json", action="store_true", help="print JSON")
     imp = sub.add_parser(
         "import", help="convert an official checkpoint into a c2disr model file",
-        description="Load an official light-model checkpoint (SwinIR-S, SRFormer-light, MambaIRv2-light, "
-                    "HiT-SR; keys under `params_ema` or `params`) with a strict key mapping and "
-                    "weights_only=True, and save it as a c2disr model file that `c2d eval`, `c2d upscale` "
-                    "and `c2d finetune --from` accept.\n\n  c2d model import --arch mambairv2_l --scale 2 "
+        description="Load an official light-model checkpoint (SwinIR-S, SRFormer-light, MambaIRv2-light,\n"
+                    "HiT-SR; keys under `params_ema` or `params`) with a strict key mapping and\n"
+                    "weights_only=True, and save it as a c2disr model file that `c2d eval`, `c2d upscale`\n"
+                    "and `c2d finetune --from` accept.\n\nExamples:\n  c2d model import --arch mambairv2_l --scale 2 "
                     "mambairv2_lightSR_x2.pth mambairv2_x2.pt\n  c2d eval --model mambairv2_x2.pt --data Set5 --scales 2",
         formatter_class=fmt)
     imp.add_argument("checkpoint", help="the official .pth file")
