@@ -5,16 +5,20 @@ platform against (no Ray, no MLflow, no DDP).
 
 It trains what the platform trains, the way the platform trains it, with none of its machinery:
 - the same model and initial weights (`build_stage_model` after `torch.manual_seed(cfg.seed)`);
-- the same samples: the packed shards of `data.train`/`data.source` (read with `tarfile`, not
-  Ray Data), cut into pairs by the platform's own transform (`make_pairs`: one scale per batch,
-  MATLAB bicubic LR, flips/transposes), seeded per (seed, epoch, batch) the same way;
-- the same step: `num_workers` batches of `batch_size` per step, whose mean loss is what DDP
-  averages; query sampling (`sample_queries`, one generator per simulated rank seeded as the
-  workers seed theirs), the loss (`stage_loss`), the optimiser, schedule, clipping and EMA of `srplatform.train.optim`;
-  stage 2 starts from `to_discrete` with the head fitted by least squares on the first batches;
+- the same batches: the platform runs with `data.deterministic` on (forced here), so every
+  worker's batches are a pure function of the shards and the seed (`batch_plan`); the reference
+  makes exactly those batches, worker by worker, with `local_stream` (the shards read with
+  `tarfile`, not Ray Data; pairs cut by the platform's own transform `make_pairs`: one scale per
+  batch, MATLAB bicubic LR, flips/transposes, seeded per (seed, epoch, batch));
+- the same step: `num_workers` batches of `batch_size` per step (simulated rank r takes worker
+  r's stream), whose mean loss is what DDP averages; query sampling (`sample_queries`, one
+  generator per simulated rank seeded as the workers seed theirs), the loss (`stage_loss`), the
+  optimiser, schedule, clipping and EMA of `srplatform.train.optim`; stage 2 starts from
+  `to_discrete` with the head fitted by least squares on every rank's first batches;
 - the same validation (`srplatform.train.loop.validate` on `val_pairs`).
-What differs is only the order in which samples arrive (Ray Data shuffles files and splits the
-stream between workers), so the two trainers' PSNRs should differ by run-to-run noise only.
+What differs is the machinery only (Ray Train workers, DDP's gradient all-reduce, Ray Data
+tasks, checkpoints), so the two trainers' losses agree step by step to float rounding, and
+their PSNRs should agree to a few hundredths of a dB.
 
 `--compare` (the default) also runs the platform's `run_stage` (Ray Train + Ray Data) on the same
 config and prints, per stage, bicubic, the reference, the platform and their difference; stage 2
@@ -45,45 +49,36 @@ from benchmarks.common import finish, log  # noqa: E402
 QUICK = ["pretrain.steps=40", "finetune.steps=20", "run.val_every=20"]
 
 
-def read_samples(uri: str) -> list[dict[str, Any]]:
-    """Every sample of a pack as {"key", "image"} (bytes of its image member), in shard order."""
-    from srplatform import storage
-    from srplatform.data.pipeline import IMAGE_MEMBERS, shard_uris
+def read_samples(uri: str) -> list[list[dict[str, Any]]]:
+    """Every shard's samples ({"key", "image"}: bytes of its image member), in shard order."""
+    from srplatform.data.pipeline import read_shard, shard_uris
 
-    out = []
-    for shard in shard_uris(uri):
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(shard))) as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext.lower()] = tar.extractfile(info).read()
-        for key, files in members.items():
-            image = next((files[e] for e in IMAGE_MEMBERS if e in files), b"")
-            out.append({"key": key, "image": image})
-    return out
+    return [read_shard(shard) for shard in shard_uris(uri)]
 
 
-def pair_stream(samples: list[dict[str, Any]], *, cfg, kind: str, scale: int | None,
-                seed: int) -> Iterator[dict[str, Any]]:
-    """Endless training batches of `data.batch_size` (torch tensors), epoch after epoch, each
-    batch made by `make_pairs` with the platform's seeding; a new epoch reshuffles."""
-    import numpy as np
+def rank_streams(shards: list[list[dict[str, Any]]], *, cfg, kind: str, scale: int | None,
+                 seed: int) -> list[Iterator[dict[str, Any]]]:
+    """Endless training batches of `data.batch_size` (torch tensors) per simulated worker: what
+    the platform's worker r reads with `data.deterministic` on (same epochs and crops plan)."""
     import torch
 
-    from srplatform.data.pipeline import make_pairs
+    from srplatform.data.pipeline import local_stream
+    from srplatform.train.api import plan_epochs
 
     d = cfg.data
-    for epoch in itertools.count():
-        order = np.random.default_rng([seed, epoch]).permutation(len(samples))
-        for start in range(0, len(order) - d.batch_size + 1, d.batch_size):
-            part = [samples[i] for i in order[start:start + d.batch_size]]
-            pairs = make_pairs({"key": [s["key"] for s in part], "image": [s["image"] for s in part]},
-                               patch=d.patch, scale_min=d.scale_min, scale_max=d.scale_max,
-                               fixed_scale=scale if kind == "finetune" else None, seed=seed, epoch=epoch)
-            if len(pairs["lr"]) == d.batch_size:  # the platform drops incomplete batches too
-                yield {k: torch.from_numpy(v) for k, v in pairs.items()}
+    section = cfg.pretrain if kind == "pretrain" else cfg.finetune
+    world = cfg.resources.num_workers
+    epochs, crops = plan_epochs(samples=sum(map(len, shards)), batch_size=d.batch_size,
+                                workers=world, steps_left=section.steps)
+
+    def one(rank: int) -> Iterator[dict[str, Any]]:
+        for b in local_stream(shards, rank=rank, world=world, batch_size=d.batch_size, seed=seed,
+                              epoch=0, epochs=epochs, crops=crops, patch=d.patch,
+                              scale_min=d.scale_min, scale_max=d.scale_max,
+                              fixed_scale=scale if kind == "finetune" else None):
+            yield {k: torch.from_numpy(v) for k, v in b.items()}
+
+    return [one(r) for r in range(world)]
 
 
 def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = None,
@@ -108,16 +103,17 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
     else:
         model = to_discrete(init, int(scale), residual=cfg.finetune.residual)
     data_seed = cfg.seed + (0 if kind == "pretrain" else 1000 * int(scale))
-    stream = pair_stream(samples, cfg=cfg, kind=kind, scale=scale, seed=data_seed)
+    streams = rank_streams(samples, cfg=cfg, kind=kind, scale=scale, seed=data_seed)
     samplers = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + r) for r in range(world)]
     optimizer = build_optimizer(model, section)
     scheduler = build_scheduler(optimizer, section)
     first: list[dict[str, Any]] = []
     if kind == "finetune" and cfg.finetune.head_init == "lstsq":
         # every simulated rank's first head_fit_batches batches, as the platform's workers
-        first = list(itertools.islice(stream, cfg.finetune.head_fit_batches * world))
-        fit_head_on_batches(model, first, int(scale), cfg.data.patch, torch.device("cpu"), lambda t: t)
-        stream = itertools.chain(first, stream)
+        firsts = [list(itertools.islice(st, cfg.finetune.head_fit_batches)) for st in streams]
+        fit_head_on_batches(model, [b for f in firsts for b in f], int(scale), cfg.data.patch,
+                            torch.device("cpu"), lambda t: t)
+        streams = [itertools.chain(f, st) for f, st in zip(firsts, streams)]
     ema = EMA(model, section.ema_decay) if section.ema_decay > 0 else None
     q = cfg.data.patch * cfg.data.patch
     history, vals, metrics = [], [], {}
@@ -136,7 +132,7 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
     for step in range(1, section.steps + 1):
         losses, shown = [], []
         for rank in range(world):
-            batch = next(stream)
+            batch = next(streams[rank])
             if kind == "pretrain":
                 coords, cells, target = sample_queries(batch["hr"], batch["hr_size"], q, samplers[rank])
                 pred = model.query(batch["lr"], coords, cells)
@@ -157,9 +153,10 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
         if ema is not None:
             ema.update(model)
         history.append((step, float(torch.stack(shown).mean())))
-        if step % cfg.run.log_every == 0:
+        if step % cfg.run.log_every == 0:  # the mean over the window, as the platform logs it
+            shown_mean = sum(v for _, v in history[-cfg.run.log_every:]) / cfg.run.log_every
             say(f"  reference {kind}{'' if scale is None else f' x{scale}'} step {step}/{section.steps} "
-                f"loss {history[-1][1]:.4f}")
+                f"loss {shown_mean:.4f}")
         if val and (step % cfg.run.val_every == 0 or step == section.steps):
             metrics = evaluate(step)
     return {"model": model, "ema": ema.module if ema is not None else model, "history": history,
@@ -198,7 +195,7 @@ def main(argv=None) -> int:
     from srplatform.train.loop import load_model_uri
 
     cfg = load_config(args.config, [*(QUICK if args.quick else []), *args.overrides,
-                                    f"finetune.scales=[{args.scale}]"])
+                                    f"finetune.scales=[{args.scale}]", "data.deterministic=true"])
     if not cfg.data.val:
         log("reference: data.val is empty: nothing to compare on")
         return 2
@@ -212,7 +209,7 @@ def main(argv=None) -> int:
     bic = bicubic_metrics(val1)
     ema = "_ema" if cfg.pretrain.ema_decay > 0 else ""
 
-    log(f"reference stage 1: {cfg.pretrain.steps} steps on {len(samples)} samples ...")
+    log(f"reference stage 1: {cfg.pretrain.steps} steps on {sum(map(len, samples))} samples ...")
     ref1 = train(cfg, kind="pretrain", samples=samples, val=val1)
     rows = []
     plat1 = plat2 = None

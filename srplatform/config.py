@@ -63,6 +63,10 @@ class DataSection:
     scale_max: float = 4.0
     num_cpus_per_task: float = 0.25  # Ray Data map tasks (fractional so training fits beside)
     shard_size_mb: int = 64
+    # Every worker's batches a pure function of the shards and the seed, run after run (each
+    # worker then reads every shard's bytes; see srplatform.data.pipeline). benchmarks/reference.py
+    # turns it on to train a plain PyTorch loop on exactly the platform's batches.
+    deterministic: bool = False
 
 
 @dataclass(kw_only=True)

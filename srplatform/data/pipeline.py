@@ -39,6 +39,18 @@ the same shards and seed give the same pairs (wherever the shards are stored), a
 gives new crops. The file order is shuffled with a seed derived from (seed, epoch). With
 `crops=k`, an epoch yields k independent crops of every image, the extra ones from
 `[seed, epoch, block_id, crop]`.
+
+Deterministic streams (`data.deterministic`, `train_dataset(deterministic=True, rank, world)`):
+Ray Data otherwise emits batches in the order its tasks finish and `streaming_split` deals them
+to whichever worker asks, so the batches a worker sees vary from run to run. In deterministic
+mode the stream is a pure function of (shards, seed, start epoch, epochs, crops, batch size,
+workers), written out by `batch_plan`: epoch after epoch, the shards in the seeded order of
+`shard_order`, each shard's crops in turn, each crop's samples cut into batches of
+`batch_size` in shard order; batch number g of that sequence goes to worker g % world. Every
+worker runs its own dataset that makes only its batches, in order (`preserve_order`), and
+reads them through `iter_torch_batches` (rows concatenated, re-cut into batches, the last
+partial batch dropped). Costs: each worker reads every shard's bytes (decoding only its own
+samples), and a slow task holds up the batches behind it.
 """
 
 from __future__ import annotations
@@ -225,10 +237,29 @@ class _PairTask:
     inside them would only fight each other.
     """
 
-    def __init__(self, *, batch_size: int, crops: int = 1, **options: Any):
+    def __init__(self, *, batch_size: int, crops: int = 1,
+                 plan: Mapping[str, tuple[int, int]] | None = None, rank: int = 0, world: int = 1,
+                 **options: Any):
         self.batch_size = batch_size
         self.crops = crops
+        # Deterministic mode: shard path -> (number of its first batch in the stream, samples);
+        # only the batches numbered rank (mod world) are made.
+        self.plan = dict(plan) if plan is not None else None
+        self.rank = rank
+        self.world = world
         self.options = options
+
+    def _first_batch(self, block: dict[str, np.ndarray], n: int) -> int:
+        url = str(block["url"][0]) if n else ""
+        entry = self.plan.get(url) or self.plan.get(url.rsplit("/", 1)[-1])
+        if entry is None:
+            raise RuntimeError(f"deterministic data: block of unknown shard {url!r}")
+        first, count = entry
+        if n != count or any(str(u) != url for u in block["url"]):
+            raise RuntimeError(
+                f"deterministic data: shard {url} holds {n} samples, its manifest says {count}: "
+                "re-pack the data or turn data.deterministic off")
+        return first
 
     def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         import torch
@@ -236,6 +267,8 @@ class _PairTask:
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
         n = len(block["key"])
+        first = self._first_batch(block, n) if self.plan is not None else 0
+        per_crop = -(-n // self.batch_size)
         # Drops of a batch that emits no row (every sample bad, or smaller than the HR patch of
         # the scale it drew) are carried to the next batch that does, so that the `skipped`
         # column still counts them; only drops after the block's last emitted row are left to
@@ -244,6 +277,9 @@ class _PairTask:
         # Crop-major: the block's batches once per crop, so repeats of an image are far apart.
         for crop in range(self.crops):
             for start in range(0, n, self.batch_size):
+                if self.plan is not None and (
+                        first + crop * per_crop + start // self.batch_size) % self.world != self.rank:
+                    continue
                 part = {k: v[start : start + self.batch_size] for k, v in block.items()}
                 counts: dict[str, int] = {}
                 out = make_pairs(part, crop_index=crop, counts=counts, **self.options)
@@ -254,6 +290,53 @@ class _PairTask:
                     out["skipped"][0] = pending
                     pending = 0
                     yield out
+
+
+def read_shard(path: str, fs: Any = None) -> list[dict[str, Any]]:
+    """The samples of one WebDataset shard, in tar order, as `normalise_sample` rows. `path`:
+    a path of the pyarrow filesystem `fs`, or (fs None) a local path / URI. Members group into
+    samples as `read_webdataset` groups them (consecutive members sharing the name before the
+    first dot of their base name); member extensions are kept as written."""
+    import io
+    import tarfile
+
+    if fs is None:
+        data = storage.read_bytes(path)
+    else:
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    samples: list[dict[str, Any]] = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            head, _, base = info.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot or not stem:
+                continue
+            key = f"{head}/{stem}" if head else stem
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key, "__url__": path})
+            samples[-1][ext] = tar.extractfile(info).read()
+    return [normalise_sample(x) for x in samples]
+
+
+class _ShardTask:
+    """Deterministic streams' map function: one (epoch, shard) item -> this worker's batches of
+    that shard (`read_shard`, then `_PairTask` with the shard's place in `batch_plan`)."""
+
+    def __init__(self, *, fs: Any, batch_size: int, crops: int, rank: int, world: int,
+                 **options: Any):
+        self.fs = fs
+        self.kw = dict(batch_size=batch_size, crops=crops, rank=rank, world=world, **options)
+
+    def __call__(self, items: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for ep, path, first, count in zip(items["epoch"], items["path"], items["first"],
+                                          items["count"]):
+            rows = read_shard(str(path), self.fs)
+            block = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "url", "image")}
+            task = _PairTask(plan={str(path): (int(first), int(count))}, epoch=int(ep), **self.kw)
+            yield from task(block)
 
 
 # --------------------------------------------------------------------------------------
@@ -289,6 +372,114 @@ def shard_uris(
     return [e.uri for e in entries]
 
 
+def shard_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order in which a deterministic stream reads the `n` shards in `epoch`: a permutation
+    seeded by (seed, epoch) (the same seed the file shuffle of a plain stream gets)."""
+    file_seed = int(block_seed(seed, epoch, "files").generate_state(1)[0])
+    return [int(i) for i in np.random.default_rng(file_seed).permutation(n)]
+
+
+def batch_plan(counts: list[int], *, batch_size: int, seed: int, epoch: int = 0, epochs: int = 1,
+               crops: int = 1, world: int = 1, shuffle_files: bool = True
+               ) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """The batches of a deterministic stream, in order, as (epoch, shard, crop, start, stop,
+    rank): rows start:stop of shard number `shard` (in `shard_uris` order, `counts[shard]`
+    samples), made by `make_pairs(..., epoch=epoch, crop_index=crop)`, go to worker `rank`.
+    What a worker trains on is its batches' rows, concatenated and re-cut into `batch_size`."""
+    g = 0
+    for ep in range(epoch, epoch + epochs):
+        order = shard_order(len(counts), seed, ep) if shuffle_files else range(len(counts))
+        for i in order:
+            for crop in range(crops):
+                for start in range(0, counts[i], batch_size):
+                    yield ep, i, crop, start, min(start + batch_size, counts[i]), g % world
+                    g += 1
+
+
+def shard_counts(uri: str, shards: list[str],
+                 settings: storage.S3Settings | Mapping[str, Any] | None = None) -> list[int]:
+    """Samples per shard: from the pack's manifest, else counted by reading each shard."""
+    import io
+    import tarfile
+
+    from srplatform.data.pack import read_manifest
+
+    manifest = read_manifest(uri, settings) if not uri.endswith(".tar") else None
+    known = {sh["name"]: int(sh["samples"]) for sh in (manifest or {}).get("shards", [])
+             if "samples" in sh}
+    out = []
+    for shard in shards:
+        name = shard.rsplit("/", 1)[-1]
+        if name in known:
+            out.append(known[name])
+            continue
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(shard, settings))) as tar:
+            keys = {m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tar if m.isfile()}
+        out.append(len(keys))
+    return out
+
+
+def local_stream(shards: list[list[Mapping[str, Any]]], *, rank: int, world: int, batch_size: int,
+                 seed: int, epoch: int = 0, epochs: int = 1, crops: int = 1,
+                 shuffle_files: bool = True, passes: int | None = None,
+                 **options: Any) -> Iterator[dict[str, np.ndarray]]:
+    """What worker `rank` of `world` reads from the deterministic stream, made here without Ray:
+    batches of exactly `batch_size` rows (its planned batches' rows concatenated and re-cut,
+    the partial rest of a pass dropped, as `iter_torch_batches(drop_last=True)` does), pass
+    after pass over epochs epoch .. epoch + epochs - 1 (`passes`: None = forever).
+
+    shards: every shard's samples in `shard_uris` order, each {"key": str, "image": bytes}
+    (as `normalise_sample` gives them). options: `make_pairs`' patch, scales, fixed_scale.
+    """
+    counts = [len(sh) for sh in shards]
+    done = 0
+    while passes is None or done < passes:
+        rows: list[dict[str, np.ndarray]] = []
+        have = 0
+        for ep, i, crop, start, stop, r in batch_plan(
+                counts, batch_size=batch_size, seed=seed, epoch=epoch, epochs=epochs, crops=crops,
+                world=world, shuffle_files=shuffle_files):
+            if r != rank:
+                continue
+            part = shards[i][start:stop]
+            out = make_pairs({"key": [x["key"] for x in part], "image": [x["image"] for x in part]},
+                             seed=seed, epoch=ep, crop_index=crop, **options)
+            if not len(out["lr"]):
+                continue
+            if crop:
+                out["skipped"][:] = 0
+            rows.append(out)
+            have += len(out["lr"])
+            while have >= batch_size:
+                cat = {k: np.concatenate([b[k] for b in rows]) for k in rows[0]}
+                yield {k: v[:batch_size] for k, v in cat.items()}
+                have -= batch_size
+                rows = [{k: v[batch_size:] for k, v in cat.items()}] if have else []
+        done += 1
+
+
+def rank_dataset_name(rank: int) -> str:
+    """The Ray Train dataset name of worker `rank`'s deterministic stream."""
+    return f"train_{rank}"
+
+
+def ray_train_datasets(uri: str, *, workers: int, deterministic: bool = False, **options: Any
+                       ) -> tuple[dict[str, ray.data.Dataset], Any]:
+    """(datasets, dataset_config) for a `TorchTrainer`: one dataset "train" that Ray Train
+    splits between the workers, or, when `deterministic`, one dataset per worker
+    (`rank_dataset_name`), none split, all read in order."""
+    if not deterministic:
+        return {"train": train_dataset(uri, **options)}, None
+    from ray.train import DataConfig
+
+    exec_options = DataConfig.default_ingest_options()
+    exec_options.preserve_order = True
+    datasets = {rank_dataset_name(r): train_dataset(uri, deterministic=True, rank=r, world=workers,
+                                                    **options)
+                for r in range(workers)}
+    return datasets, DataConfig(datasets_to_split=[], execution_options=exec_options)
+
+
 def _check_options(patch: int, batch_size: int, scale_min: float, scale_max: float,
                    fixed_scale: int | None, num_cpus: float) -> None:
     if patch < 1:
@@ -319,6 +510,9 @@ def train_dataset(
     settings: storage.S3Settings | Mapping[str, Any] | None = None,
     num_cpus: float = 0.25,
     shuffle_files: bool = True,
+    deterministic: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> ray.data.Dataset:
     """A Ray Dataset of LR/HR pairs from the shards at `uri` (a pack's DEST, a prefix of
     `.tar` files, or one `.tar`); columns as in the module docstring.
@@ -332,6 +526,9 @@ def train_dataset(
     from its own seed stream; crop 0 is exactly what `crops=1` gives. Lets a long run draw
     fresh pairs without chaining thousands of epochs into one dataset.
     num_cpus: CPUs reserved per read+pairs task (fractional so tasks fit beside training).
+    deterministic: worker `rank` of `world`'s share of the deterministic stream (see the module
+    docstring and `batch_plan`), in order; iterate it with `preserve_order` (set on the
+    dataset's context; Ray Train needs it in its `DataConfig`, see `ray_train_datasets`).
     """
     import ray.data
     from ray.data import FileShuffleConfig
@@ -347,6 +544,28 @@ def train_dataset(
     _warn_min_size(str(u), s, patch, float(fixed_scale or scale_max))
     fs, _ = storage.filesystem(u, s)
     paths = [storage.parse_uri(x).fs_path for x in shards]
+    pair_options = dict(patch=patch, scale_min=float(scale_min), scale_max=float(scale_max),
+                        fixed_scale=int(fixed_scale) if fixed_scale else None, seed=int(seed))
+    if deterministic:
+        # One task per (epoch, shard), in stream order, each reading its shard itself
+        # (`read_shard`) and making this worker's batches of it; no union (Ray's ordered union
+        # interleaves its inputs block by block) and no split.
+        if not 0 <= rank < world:
+            raise UserError(f"rank must be in [0, {world}) (got {rank})")
+        counts = shard_counts(str(u), shards, s)
+        items = []
+        for g, (ep, i, crop, start, _, _) in enumerate(batch_plan(
+                counts, batch_size=batch_size, seed=seed, epoch=epoch, epochs=epochs,
+                crops=crops, world=world, shuffle_files=shuffle_files)):
+            if crop == 0 and start == 0:
+                items.append({"epoch": ep, "path": paths[i], "first": g, "count": counts[i]})
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _ShardTask(fs=fs, batch_size=batch_size, crops=int(crops), rank=int(rank),
+                       world=int(world), **pair_options),
+            batch_format="numpy", batch_size=None, num_cpus=num_cpus)
+        ds.context.op_resource_reservation_enabled = False
+        ds.context.execution_options.preserve_order = True
+        return ds
 
     def one_epoch(ep: int) -> ray.data.Dataset:
         shuffle = None

@@ -696,7 +696,7 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
     from ray.train.torch import TorchTrainer
 
     from srplatform import storage
-    from srplatform.data.pipeline import train_dataset
+    from srplatform.data.pipeline import ray_train_datasets
     from srplatform.train.loop import EMA_FILE, META_FILE, MODEL_FILE, StageSpec, loop_config, \
         train_loop_per_worker
 
@@ -762,8 +762,9 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
     workers = cfg.resources.num_workers
     epochs, crops = plan_epochs(samples=data.samples, batch_size=cfg.data.batch_size, workers=workers,
                                 steps_left=max(0, section.steps - start_step))
-    ds = train_dataset(
-        data.uri, patch=cfg.data.patch, batch_size=cfg.data.batch_size,
+    datasets, data_config = ray_train_datasets(
+        data.uri, workers=workers, deterministic=cfg.data.deterministic,
+        patch=cfg.data.patch, batch_size=cfg.data.batch_size,
         scale_min=cfg.data.scale_min, scale_max=cfg.data.scale_max,
         fixed_scale=int(scale) if kind == "finetune" else None,
         seed=cfg.seed + (0 if kind == "pretrain" else 1000 * int(scale)),
@@ -788,7 +789,8 @@ def _run_stage(cfg: Config, *, kind: str, scale: int | None, init_from: str | No
             callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": configure_http(dict(os.environ))},
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets={"train": ds},
+        datasets=datasets,
+        dataset_config=data_config,
     )
     if start_step:
         printer.say(label, f"found checkpoint at step {start_step} in {_display_path(latest[0])}")

@@ -567,7 +567,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     dist if distributed else None)
     if state is not None:
         model.load_state_dict(state["model"], strict=True)
-    shard = ray.train.get_dataset_shard("train")
+    from srplatform.data.pipeline import rank_dataset_name
+
+    # Deterministic data: this worker's own stream (see `ray_train_datasets`).
+    shard = ray.train.get_dataset_shard(rank_dataset_name(rank) if cfg.data.deterministic
+                                        else "train")
     passes = 0
 
     def batches():
