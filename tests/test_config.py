@@ -36,11 +36,11 @@ def test_samples_exist():
 
 def test_good_file_and_overrides(tmp_path):
     p = write(tmp_path, "name: x\nmodel:\n  arch: srformer_l\npretrain:\n  steps: 7\n  lr: 2e-4\n")
-    cfg = load_config(p, ["pretrain.steps=9", "finetune.scales=[2,4]", "model.overrides.embed_dim=30"])
+    cfg = load_config(p, ["pretrain.steps=9", "finetune.scales=[2,4]", "model.overrides.embed_dim=32"])
     assert cfg.model.arch == "srformer_l"
     assert cfg.pretrain.steps == 9 and cfg.pretrain.lr == pytest.approx(2e-4)
     assert cfg.finetune.scales == [2, 4]
-    assert cfg.model.overrides == {"embed_dim": 30}
+    assert cfg.model.overrides == {"embed_dim": 32}
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
@@ -92,11 +92,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_flatten_round_trip_and_json_safe():
-    cfg = load_config(None, ["model.overrides.depths=[2,2]"])
+    cfg = load_config(None, ["model.overrides.depths=[3,3]"])
     flat = flatten(cfg)
     assert flat["pretrain.steps"] == cfg.pretrain.steps
     assert json.loads(flat["finetune.scales"]) == [2, 3, 4]
-    assert json.loads(flat["model.overrides"]) == {"depths": [2, 2]}
+    assert json.loads(flat["model.overrides"]) == {"depths": [3, 3]}
     json.dumps(flat)
     # The dict that travels to Ray workers rebuilds the same config.
     again = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
