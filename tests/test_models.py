@@ -455,6 +455,26 @@ def test_psa_official_mask_matches_official_slices():
     assert torch.equal(official[interior], exact[interior]) and not torch.equal(official, exact)
 
 
+@pytest.mark.parametrize("h,w,window", [(16, 24, 8), (32, 48, 16)])
+def test_psa_exact_mask_matches_todays_official_slices(h, w, window):
+    """Since SRFormer's commit bc85758 ("fix shift_size for the permuted_window_mask") the
+    official key-map slices are (0, -pw), (-pw, -shift // 2), (-shift // 2, None) on both axes:
+    that is `psa_mask="exact"`; "official" is the first commit's mask (test above)."""
+    from c2disr.models.srformer import psa_mask
+
+    shift, pw = window // 2, window // 2
+    lab = torch.zeros(h // 2, w // 2, dtype=torch.long)
+    cnt = 0
+    for hs in (slice(0, -pw), slice(-pw, -shift // 2), slice(-shift // 2, None)):
+        for ws in (slice(0, -pw), slice(-pw, -shift // 2), slice(-shift // 2, None)):
+            lab[hs, ws] = cnt
+            cnt += 1
+    q_lab = window_partition(_bruteforce_labels(h, w, window, shift)[None, :, :, None], window, window)[0, :, :, 0]
+    k_lab = window_partition(lab[None, :, :, None], pw, pw)[0, :, :, 0]
+    expected = torch.where(q_lab[:, :, None] == k_lab[:, None, :], 0.0, MASK_VALUE)
+    assert torch.equal(psa_mask(h, w, window, shift, "exact"), expected)
+
+
 def test_cli_model_info_and_list(capsys):
     from srplatform.cli import main
 

@@ -22,6 +22,11 @@ Backbone module contract (what ``c2disr.models.<backbone>`` must define):
   mean shift, as the official models do with img_range 1) of any h, w (pad inside, crop back) and
   returns features ``(B, out_channels, h, w)``: the output of conv_after_body plus the long
   residual from conv_first, exactly what the official light models feed to their upsampler.
+  ``forward(x, crop=False)`` returns the same features on the backbone's padded grid
+  ``(B, out_channels, hp, wp)``, ``hp >= h``, ``wp >= w``, uncropped: its top-left ``(h, w)``
+  block is the ``crop=True`` result. The official forwards pad the image to the window, run the
+  whole network INCLUDING the upsampler's 3x3 conv on the padded image and crop the output, so
+  the discrete head runs on this grid and SRModel crops after it (see ``SRModel.forward``).
   Size-derived tensors are non-persistent buffers or computed in forward.
 - ``official_key_map(cfg) -> dict[str, str | None]`` (for ``load_published``): every key of the
   official checkpoint's backbone part -> our backbone key (without the ``backbone.`` prefix), or
@@ -191,6 +196,14 @@ class SRModel(nn.Module):
     Inputs are `(B, 3, h, w)` float RGB in [0, 1], any h, w. Outputs are RGB in the same range
     (not clamped: clamp/quantise at evaluation). Submodules: `backbone`, `head`.
 
+    Sizes that are not a multiple of the backbone's window (the official order): the backbone
+    pads the image; the discrete head's 3x3 conv runs on the padded features and its output is
+    cropped to `(h*s, w*s)`, then the base (mean, or the bilinear upsampling of the UN-padded
+    input) is added, so the last LR row/column equals the official models' output. The
+    continuous head instead encodes the features cropped to `(h, w)`: its query coordinates
+    are relative to the real image, and padded rows would shift them (and, with the feature
+    conv and border-clamped neighbours, mix padding into the border samples).
+
     `scale_range`: `(min, max)` of the scales a continuous model was trained on, when known
     (recorded in model files by `c2disr.evaluate.save_model`); None otherwise.
     """
@@ -224,10 +237,19 @@ class SRModel(nn.Module):
                 f"expected lr of shape (B, 3, h, w) float RGB in [0, 1], got {tuple(lr.shape)} {lr.dtype}"
             )
 
-    def features(self, lr: torch.Tensor) -> torch.Tensor:
-        """`(B, 3, h, w)` [0, 1] -> backbone features `(B, C, h, w)`."""
+    def features(self, lr: torch.Tensor, *, crop: bool = True) -> torch.Tensor:
+        """`(B, 3, h, w)` [0, 1] -> backbone features `(B, C, h, w)`; `crop=False`: on the
+        backbone's padded grid `(B, C, hp, wp)` (top-left `(h, w)` = the cropped features),
+        what the discrete head runs on."""
         self._check_lr(lr)
-        return self.backbone(lr - self.rgb_mean.to(lr.dtype))
+        return self.backbone(lr - self.rgb_mean.to(lr.dtype), crop=crop)
+
+    def head_term(self, lr: torch.Tensor) -> torch.Tensor:
+        """Discrete models: the head's output `(B, 3, h*s, w*s)` before the base is added, as
+        the official forward computes it: head on the padded features, cropped after."""
+        h, w = lr.shape[-2:]
+        s = self.head.scale
+        return self.head(self.features(lr, crop=False))[..., : h * s, : w * s]
 
     def forward(self, lr: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """`lr (B, 3, h, w)` -> `(B, 3, H, W)`: discrete H = h*scale; continuous needs out_size."""
@@ -239,7 +261,7 @@ class SRModel(nn.Module):
                     f"a discrete x{s} model outputs {(h * s, w * s)} for input {(h, w)}, not "
                     f"{tuple(out_size)}; use a continuous head for other sizes"
                 )
-            return self.head(self.features(lr)) + self.base(lr)
+            return self.head_term(lr) + self.base(lr)
         if out_size is None:
             raise ValueError("a continuous model needs out_size=(H, W)")
         big_h, big_w = (int(v) for v in out_size)
@@ -432,9 +454,12 @@ def head_fit_stats(model: SRModel, lr: torch.Tensor, hr: torch.Tensor) -> tuple[
     s = model.head.scale
     if hr.shape[-2:] != (lr.shape[-2] * s, lr.shape[-1] * s):
         raise ValueError(f"hr {tuple(hr.shape[-2:])} is not x{s} of lr {tuple(lr.shape[-2:])}")
+    h, w = lr.shape[-2:]
     with torch.no_grad():
-        feats = model.features(lr).to(torch.float64)  # (B, C, h, w)
-        cols = F.unfold(feats, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major like conv
+        # the head's conv runs on the padded grid and its output is cropped (SRModel.forward)
+        feats = model.features(lr, crop=False).to(torch.float64)  # (B, C, hp, wp)
+        cols = F.unfold(feats, kernel_size=3, padding=1)  # (B, C*9, hp*wp), channel-major like conv
+        cols = cols.view(*cols.shape[:2], *feats.shape[-2:])[..., :h, :w].flatten(2)  # (B, C*9, h*w)
         x = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N, C*9)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         # The head predicts HR minus its base (mean RGB or the bilinear upsampling of lr).

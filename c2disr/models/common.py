@@ -266,7 +266,13 @@ class WindowTransformerBackbone(nn.Module):
     `make_native(window, index, heads)` builds the backbone's own block (see hier.py's block
     contract); `body_kwargs` go to `hier.build_group_body` (ffn kind and kernel). The plain
     variant pads the image to a multiple of the window (reflection), as the official forward
-    does; hit and c2d blocks pad to their own windows."""
+    does; hit and c2d blocks pad to their own windows.
+
+    `forward(x, crop=True)` crops the features to the input's `(h, w)`; `crop=False` returns
+    them on the padded grid `(B, C, hp, wp)` (plain: multiples of the window; hit/c2d: `(h, w)`),
+    whose top-left `(h, w)` block is the cropped result. The official forward runs its
+    upsampler on the padded grid and crops after it: SRModel does the same with the discrete
+    head (see `SRModel.forward`)."""
 
     def __init__(self, cfg, *, make_native, **body_kwargs):
         from c2disr.models.hier import build_group_body
@@ -289,7 +295,7 @@ class WindowTransformerBackbone(nn.Module):
         self.conv_after_body = nn.Conv2d(c, c, 3, padding=1)
         init_transformer_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, crop: bool = True) -> torch.Tensor:
         h, w = x.shape[-2:]
         if self.cfg.variant == "plain":
             x = pad_to_multiple(x, self.cfg.window, self.cfg.window)
@@ -298,7 +304,8 @@ class WindowTransformerBackbone(nn.Module):
         for group in self.groups:
             t = group(t)
         t = self.norm(t).permute(0, 3, 1, 2)
-        return (self.conv_after_body(t) + first)[:, :, :h, :w]
+        out = self.conv_after_body(t) + first
+        return out[:, :, :h, :w] if crop else out
 
 
 def init_transformer_weights(module: nn.Module) -> None:

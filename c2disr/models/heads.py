@@ -78,7 +78,11 @@ HEAD_FLAVORS = {
 
 
 class PixelShuffleDirect(nn.Module):
-    """`(B, C, h, w)` -> `(B, 3, h*s, w*s)`: conv3x3 to 3*s^2 channels, PixelShuffle(s)."""
+    """`(B, C, h, w)` -> `(B, 3, h*s, w*s)`: conv3x3 to 3*s^2 channels, PixelShuffle(s).
+
+    SRModel runs it on the backbone's padded feature grid and crops the output to the image
+    (`SRModel.head_term`), as the official forward does; a conv over cropped features would
+    see zeros instead of the padded features beyond the last row/column."""
 
     def __init__(self, *, in_channels: int, scale: int, out_channels: int = 3, residual: str = "none"):
         super().__init__()

@@ -433,8 +433,10 @@ class MambaIRv2(nn.Module):
     """MambaIRv2 backbone (plain / hit / c2d), ``(B, in_channels, H, W) -> (B, embed_dim, H, W)``.
 
     Input: the normalised image (SRModel subtracts the DIV2K mean), any H, W; it is padded to
-    the window inside and the features are cropped back. Output: features after
-    ``conv_after_body`` and the long residual, ready for a head. ``out_channels`` = embed_dim.
+    the window inside and the features are cropped back (``crop=False``: returned on the padded
+    grid, multiples of the window, as the official forward feeds them to its upsampler before
+    cropping its output). Output: features after ``conv_after_body`` and the long residual,
+    ready for a head. ``out_channels`` = embed_dim.
     """
 
     def __init__(self, cfg: MambaIRv2Config):
@@ -461,7 +463,7 @@ class MambaIRv2(nn.Module):
             elif isinstance(m, C2DBody):
                 m.init_weights()  # skip fusions start as identity on the decoder's own input
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, crop: bool = True) -> torch.Tensor:
         h, w = x.shape[-2:]
         self._masks.clear()
         try:
@@ -474,7 +476,7 @@ class MambaIRv2(nn.Module):
             out = self.conv_after_body(t) + feat
         finally:
             self._masks.clear()
-        return out[:, :, :h, :w]
+        return out[:, :, :h, :w] if crop else out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,9 +11,13 @@ patch is folded into the channels, giving N/4 key/value tokens of C channels. Ea
 large windows (16) at the cost of an 8x8 attention map per query.
 
 Shifted-window masks: a key token covers a 2x2 pixel patch, so its region label is the label of
-that patch (`psa_mask="exact"`). The official code labels the key map with different slices,
-which masks some valid pairs in the last window row/column; `psa_mask="official"` reproduces it
-bit-for-bit for evaluating published weights (the difference only touches those border windows).
+that patch (`psa_mask="exact"`). This is also what today's official code computes: since its
+commit bc85758 (2023-07-25, "fix shift_size for the permuted_window_mask") the key-map slices
+are `(0, -w/2), (-w/2, -shift/2), (-shift/2, None)`, which give exactly these labels.
+`psa_mask="official"` reproduces SRFormer's FIRST commit (6401aa8, 2022-11-26), whose key-map
+slices were `(-w/2, -shift)` / `(-w/2, -w/2)` (empty) and mask some valid pairs in the last
+window row/column; use it only for weights trained with that code (the difference only touches
+those border windows).
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ class SRFormerConfig(HierFields):
     embed_dim: channels C. depths: blocks per group. num_heads: heads per group.
     window: PSA window (multiple of 4: keys fold 2x2 patches and shifts are window/2).
     mlp_ratio: ConvFFN hidden = int(C * mlp_ratio). ffn_kernel: depthwise conv size.
-    qkv_bias: bias on q and kv projections. psa_mask: "exact" or "official" (module docstring).
+    qkv_bias: bias on q and kv projections. psa_mask: "exact" (today's official code, the
+    default) or "official" (SRFormer's first commit; module docstring).
     """
 
     embed_dim: int = 60

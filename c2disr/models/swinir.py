@@ -11,7 +11,9 @@ Structure (official key names in brackets where ours differ):
 
 A Swin block: x + W-MSA(LN(x)) with a cyclic shift of window/2 on odd blocks, then x + MLP(LN(x)).
 The plain model pads the (normalised) image to a multiple of the window with reflection, as the
-official forward does, and crops the features back; hit and c2d blocks pad to their own windows.
+official forward does; the discrete head runs on the padded features and its output is cropped
+(the official order), while `SRModel.features` crops the features back for the continuous head;
+hit and c2d blocks pad to their own windows.
 """
 
 from __future__ import annotations
