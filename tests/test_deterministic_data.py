@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from srplatform.data.pipeline import batch_plan, local_stream, read_shard, shard_order, shard_uris, train_dataset
+from srplatform.data.pipeline import (
+    batch_plan,
+    local_stream,
+    read_shard,
+    shard_order,
+    shard_uris,
+    train_dataset,
+)
 from tests.test_pipeline import PATCH, ray_local, tiny_pack  # noqa: F401 (fixtures)
 
 
@@ -30,6 +37,7 @@ def test_batch_plan_covers_every_batch_once_and_balances_workers():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_deterministic_stream_repeats_and_matches_local_stream(ray_local, tiny_pack):  # noqa: F811
     uri = str(tiny_pack["pack"])
     opts = dict(patch=PATCH, batch_size=4, seed=5, epoch=1, epochs=2, crops=2, num_cpus=0.5)
