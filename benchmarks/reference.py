@@ -81,10 +81,25 @@ def rank_streams(shards: list[list[dict[str, Any]]], *, cfg, kind: str, scale: i
     return [one(r) for r in range(world)]
 
 
-def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = None,
+def as_shards(samples: list) -> list[list[dict[str, Any]]]:
+    """`samples` as shards: a list of shards as is; a flat list of samples as one-sample shards,
+    so that the seeded shard order of every epoch is a full reshuffle of the samples."""
+    if samples and isinstance(samples[0], dict):
+        return [[s] for s in samples]
+    return samples
+
+
+def pair_stream(samples: list, *, cfg, kind: str, scale: int | None, seed: int,
+                rank: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless training batches (torch tensors) of simulated worker `rank` (see `rank_streams`)."""
+    return rank_streams(as_shards(samples), cfg=cfg, kind=kind, scale=scale, seed=seed)[rank]
+
+
+def train(cfg, *, kind: str, samples: list, scale: int | None = None,
           init: Any = None, val: dict[int, list] | None = None,
           say: Callable[[str], None] = log) -> dict[str, Any]:
-    """One stage, plain PyTorch. `init`: the stage-1 model (finetune). Returns {"model", "ema",
+    """One stage, plain PyTorch. `samples`: the shards' samples (`read_samples`) or a flat list
+    of samples (see `as_shards`). `init`: the stage-1 model (finetune). Returns {"model", "ema",
     "history": [(step, loss)], "metrics": last validation, "val": [(step, metrics)],
     "seconds"}."""
     import torch
@@ -103,7 +118,7 @@ def train(cfg, *, kind: str, samples: list[dict[str, Any]], scale: int | None = 
     else:
         model = to_discrete(init, int(scale), residual=cfg.finetune.residual)
     data_seed = cfg.seed + (0 if kind == "pretrain" else 1000 * int(scale))
-    streams = rank_streams(samples, cfg=cfg, kind=kind, scale=scale, seed=data_seed)
+    streams = rank_streams(as_shards(samples), cfg=cfg, kind=kind, scale=scale, seed=data_seed)
     samplers = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + r) for r in range(world)]
     optimizer = build_optimizer(model, section)
     scheduler = build_scheduler(optimizer, section)
