@@ -597,3 +597,73 @@ def test_submitted_tiny_pipeline_trains_tracks_and_registers(ray_head, mlflow_ur
     mine = [mv for mv in versions if mv.run_id in child_ids]
     assert len(mine) == 1, "the submitted pipeline's x2 model is a registered version"
     assert mine[0].tags.get("parent_run_id") == parents[0].info.run_id
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_submit_serve_deploys_on_the_cluster_and_stopping_the_job_takes_it_down(ray_head, tmp_path):
+    """`c2d submit serve`: the job joins the cluster, deploys the app on its Serve, answers
+    HTTP there; `c2d jobs stop` ends the job and deletes the app."""
+    import io
+    import json
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from c2disr.evaluate import save_model
+    from c2disr.models import build_model
+
+    torch.manual_seed(0)
+    model_file = tmp_path / "tiny_x2.pt"
+    save_model(model_file, build_model("swinir_l", variant="c2d", flavor="tiny", scale=2).eval())
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    res = _c2d("submit", "serve", "--address", ray_head.address, "--", str(model_file),
+               "--port", str(port), "--cpus", "0.25", "--poll", "0", env=ray_head.auth_env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    sid = re.search(r"^submitted (\S+)$", res.stdout, re.MULTILINE).group(1)
+    client = ray_head.client()
+
+    def get(path: str, data: bytes | None = None):
+        req = urllib.request.Request(url + path, data=data,
+                                     headers={"Content-Type": "image/png"} if data else {})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            status = client.get_job_status(sid)
+            assert status not in sub.TERMINAL, client.get_job_logs(sid)[-3000:]
+            with contextlib.suppress(OSError, urllib.error.HTTPError):
+                if get("/healthz")[0] == 200:
+                    break
+            assert time.monotonic() < deadline, "the app did not come up:\n" + client.get_job_logs(sid)[-3000:]
+            time.sleep(2)
+        info = json.loads(get("/model")[1])
+        assert info["scale"] == 2
+        buf = io.BytesIO()
+        Image.fromarray((np.random.default_rng(0).random((20, 28, 3)) * 255).astype("uint8")).save(buf, "PNG")
+        code, body = get("/upscale", buf.getvalue())
+        assert code == 200
+        with Image.open(io.BytesIO(body)) as im:
+            assert im.size == (56, 40)
+    finally:
+        stop = _c2d("jobs", "stop", sid, "--address", ray_head.address, env=ray_head.auth_env)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    deadline = time.monotonic() + 120
+    while client.get_job_status(sid) not in sub.TERMINAL:
+        assert time.monotonic() < deadline, "the serve job did not stop"
+        time.sleep(1)
+    gone = False
+    while not gone and time.monotonic() < deadline:
+        try:
+            get("/healthz")
+        except (OSError, urllib.error.HTTPError):
+            gone = True
+        else:
+            time.sleep(1)
+    assert gone, "the app still answers after its job was stopped"
