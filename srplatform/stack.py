@@ -312,17 +312,7 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # Only zombies left counts as gone.
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return bool(_group_members(pgid))  # only zombies left counts as gone
 
 
 def _group_members(pgid: int) -> list[int]:
