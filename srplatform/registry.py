@@ -256,19 +256,14 @@ class Evaluation:
         return self.error is None and self.psnr is not None and math.isfinite(self.psnr)
 
 
-def _evaluate(name: str, version: str, run_id: str | None, folder: Path, scale: int,
-              tracking_uri: str, tile: int | None) -> Evaluation:
+def _measure(version: str, run_id: str | None, make_upscaler: Callable[[], Callable],
+             folder: Path, scale: int) -> Evaluation:
+    """`make_upscaler()` (LR -> SR) on the benchmark folder; failures become `Evaluation.error`."""
     from c2disr.evaluate import evaluate_folder
-
-    from srplatform.mlmodel import load_sr_model
-    from srplatform.upscale import sr_forward
 
     t0 = time.perf_counter()
     try:
-        model = load_sr_model(f"models:/{name}/{version}", tracking_uri=tracking_uri)
-        if not model.continuous and model.scale != scale:
-            raise ValueError(f"the model is a x{model.scale} model, the registered name says x{scale}")
-        res = evaluate_folder(lambda lr: sr_forward(model, lr, scale=scale, tile=tile), folder, scale)
+        res = evaluate_folder(make_upscaler(), folder, scale)
     except (UserError, ValueError, TypeError, RuntimeError, OSError) as exc:
         return Evaluation(version, run_id, error=f"{type(exc).__name__}: {exc}",
                           seconds=time.perf_counter() - t0)
@@ -276,19 +271,25 @@ def _evaluate(name: str, version: str, run_id: str | None, folder: Path, scale: 
                       images=int(res["count"]), seconds=time.perf_counter() - t0)
 
 
+def _evaluate(name: str, version: str, run_id: str | None, folder: Path, scale: int,
+              tracking_uri: str, tile: int | None) -> Evaluation:
+    from srplatform.mlmodel import load_sr_model
+    from srplatform.upscale import sr_forward
+
+    def make() -> Callable:
+        model = load_sr_model(f"models:/{name}/{version}", tracking_uri=tracking_uri)
+        if not model.continuous and model.scale != scale:
+            raise ValueError(f"the model is a x{model.scale} model, the registered name says x{scale}")
+        return lambda lr: sr_forward(model, lr, scale=scale, tile=tile)
+
+    return _measure(version, run_id, make, folder, scale)
+
+
 def _evaluate_bicubic(folder: Path, scale: int) -> Evaluation:
     """The published baseline on the same images and metric (what a model must beat)."""
-    from c2disr.evaluate import evaluate_folder
     from c2disr.ops.resize import imresize
 
-    t0 = time.perf_counter()
-    try:
-        res = evaluate_folder(lambda lr: imresize(lr, scale), folder, scale)
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        return Evaluation("bicubic", None, error=f"{type(exc).__name__}: {exc}",
-                          seconds=time.perf_counter() - t0)
-    return Evaluation("bicubic", None, psnr=float(res["psnr"]), ssim=float(res["ssim"]),
-                      images=int(res["count"]), seconds=time.perf_counter() - t0)
+    return _measure("bicubic", None, lambda: (lambda lr: imresize(lr, scale)), folder, scale)
 
 
 # ----------------------------------------------------------------------------- promotion

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from srplatform.errors import UserError
+from srplatform.stack import _alive  # a zombie counts as dead
 
 __all__ = ["ServeOptions", "SRService", "HttpError", "probe_image", "parse_model_uri",
            "build_app", "deploy", "run_foreground", "start_background", "stop", "status", "APP_NAME"]
@@ -617,12 +618,6 @@ def _write_state(state: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(state, fh, indent=2)
     os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-    from srplatform.stack import _alive as alive  # one definition: a zombie counts as dead
-
-    return alive(pid)
 
 
 def _http_json(url: str, timeout: float = 5.0) -> dict[str, Any] | None:

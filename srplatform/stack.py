@@ -279,40 +279,38 @@ def check(state: dict[str, Any]) -> list[ServiceStatus]:
     return out
 
 
+def _terminate(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """SIGTERM `pids`, wait up to `timeout` (reaping our own children so they do not linger as
+    zombies), then SIGKILL what is left and wait again. Returns the pids still alive."""
+    left = list(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while left and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            left = [p for p in left if _alive(p)]
+            if left:
+                time.sleep(0.1)
+        if not left:
+            break
+    return left
+
+
 def _kill_group(pid: int, timeout: float = 10.0) -> None:
+    """Stop a server that failed to start: its whole group when it leads one (see `_spawn`)."""
     try:
         pgid = os.getpgid(pid)
     except ProcessLookupError:
         return
-    if pgid != pid:  # not a session we started: stop only the pid itself
-        targets = [lambda sig: os.kill(pid, sig)]
-    else:
-        targets = [lambda sig: os.killpg(pgid, sig)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for kill in targets:
-            try:
-                kill(sig)
-            except ProcessLookupError:
-                return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if not _alive(pid) and not _group_alive(pgid):
-                return
-            time.sleep(0.1)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return bool(_group_members(pgid))  # only zombies left counts as gone
+    _terminate(_group_members(pgid) if pgid == pid else [pid], timeout)
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -346,30 +344,11 @@ def _stop_service(name: str, svc: dict[str, Any], root: Path) -> tuple[str, list
     server runs in its own session (`_spawn`), so its group id is the leader's pid. Only
     processes whose command lines are a server's are signalled. Returns (what happened, the
     processes that survived as "pid cmdline")."""
-    pgid = int(svc.get("pgid", svc["pid"]))
-    members = [p for p in _group_members(pgid) if _ours(p, name, root)]
+    members = [p for p in _group_members(svc["pid"]) if _ours(p, name, root)]
     if not members:
         return "not running", []
     leader_alive = svc["pid"] in members
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in members:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            for pid in members:  # reap our own children so they do not linger as zombies
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            members = [p for p in members if _alive(p)]
-            if not members:
-                break
-            time.sleep(0.1)
-        if not members:
-            break
+    members = _terminate(members)
     survivors = [f"{p} {_cmdline(p)[:120]}" for p in members]
     what = "stopped" if leader_alive else "had crashed; stopped the processes it left behind"
     return what, survivors
@@ -377,8 +356,8 @@ def _stop_service(name: str, svc: dict[str, Any], root: Path) -> tuple[str, list
 
 def down(*, root: Path | None = None, quiet: bool = False) -> list[str]:
     """Stop the processes `up` started, each server's whole process group (verified by their
-    command lines), remove the state, and report any process that survived (also returned in
-    the state-less sense: the names of the services that were stopped are returned)."""
+    command lines), remove the state, and report any process that survived. Returns the names
+    of the services that were stopped."""
     root = root or data_dir()
     state = read_state(root)
     stopped: list[str] = []

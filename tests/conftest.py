@@ -38,6 +38,23 @@ def shared_path() -> Path:
     return Path(os.environ.get("C2D_SHARED", REPO.parent / "shared"))
 
 
+def link_images(src: Path, dst: Path, *, count: int, min_side: int) -> Path:
+    """Symlink the first `count` images of `src` (sorted) whose sides are all >= `min_side` into
+    the new folder `dst` (a small training set without copying)."""
+    from PIL import Image
+
+    dst.mkdir(parents=True, exist_ok=True)
+    linked = 0
+    for f in sorted(src.glob("*.png")):
+        if linked == count:
+            break
+        with Image.open(f) as im:
+            if min(im.size) >= min_side:
+                (dst / f.name).symlink_to(f)
+                linked += 1
+    return dst
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return shared_path()

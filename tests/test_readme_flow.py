@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from .conftest import link_images
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,14 +46,7 @@ def _c2d(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedPro
 
 def test_pipeline_eval_promote_upscale_with_nothing_exported(stack, tmp_path, shared_data):
     assert os.environ.get("C2D_HOME") and stack["mlflow"]["tracking_uri"]
-    src = tmp_path / "t16"
-    src.mkdir()
-    for f in sorted((shared_data / "T91").glob("*.png")):
-        with Image.open(f) as im:
-            if min(im.size) >= 64:
-                (src / f.name).symlink_to(f)
-        if len(list(src.iterdir())) == 16:
-            break
+    src = link_images(shared_data / "T91", tmp_path / "t16", count=16, min_side=64)
     bench = tmp_path / "bench"
     bench.mkdir()
     for name in ("baby.png", "bird.png", "butterfly.png"):

@@ -39,17 +39,11 @@ BASE = [
 @pytest.fixture(scope="module")
 def train_shards(tmp_path_factory, shared_data):
     """16 T91 images (all at least 64 px, the largest HR patch here) packed once."""
-    from PIL import Image
-
     from srplatform.data.pack import pack
 
-    src = tmp_path_factory.mktemp("t91")
-    for f in sorted((shared_data / "T91").glob("*.png")):
-        with Image.open(f) as im:
-            if min(im.size) >= 64:
-                (src / f.name).symlink_to(f)
-        if len(list(src.iterdir())) == 16:
-            break
+    from .conftest import link_images
+
+    src = link_images(shared_data / "T91", tmp_path_factory.mktemp("t91"), count=16, min_side=64)
     dest = tmp_path_factory.mktemp("shards") / "t16"
     pack(str(src), dest.as_uri(), min_size=64, progress=False)
     return dest.as_uri()
